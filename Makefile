@@ -1,0 +1,58 @@
+# mlpay: every target uses the one virtual environment in .venv/, created on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py | md5sum | cut -c1-12)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PYTHONHASHSEED := 0
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install mlpay with its pinned dependencies
+
+params: $(STAMP) ## compose conf/ into params.yaml (what `dvc exp run` does before each run)
+	mlpay-params
+
+data: $(STAMP) ## simulate the default transactions into data/ (tracked by data.dvc) unless present
+	@if dvc status --quiet data.dvc 2>/dev/null && [ -f $(shell grep -m1 transactions: params.yaml | awk '{print $$2}') ]; then \
+	  echo "data/ matches data.dvc"; else mlpay-simulate && dvc commit --force --quiet data.dvc; fi
+
+pipeline: data ## run the DVC pipeline end to end on the default data: features -> benchmark
+	dvc repro
+	@dvc status
+
+test: $(STAMP) check-nbs ## run every test: the notebooks (nbdev_test) and tests/ (pytest)
+	nbdev_test --n_workers 2
+	pytest tests
+
+check-nbs: $(STAMP) ## fail when notebooks are not clean or mlpay/ is out of sync with them
+	@before=$$(find nbs mlpay -type f -not -path '*/__pycache__/*' | sort | xargs md5sum | md5sum); \
+	nbdev_clean && nbdev_export; \
+	after=$$(find nbs mlpay -type f -not -path '*/__pycache__/*' | sort | xargs md5sum | md5sum); \
+	if [ "$$before" != "$$after" ]; then echo "notebooks were not clean or mlpay/ was out of sync: run nbdev_clean && nbdev_export and commit"; \
+	git status --short nbs mlpay; exit 1; fi
+
+test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-sized data, minutes)
+	nbdev_test --n_workers 2 --flags slow
+	pytest tests -m slow
+
+bench: $(STAMP) ## run the benchmarks and print their tables (bench/)
+	python bench/simulate.py
+	python bench/features.py
+
+lint: $(STAMP) ## nbdev checks
+	$(MAKE) check-nbs
+
+clean: ## remove generated outputs (keeps .venv and data/)
+	rm -rf artifacts reports/*.png .pytest_cache _proc
+
+.PHONY: help install params data pipeline test check-nbs test-slow bench lint clean
