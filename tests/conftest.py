@@ -1,4 +1,5 @@
 """Shared fixtures: the repository root and a tiny composed configuration."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ SMALL_GRIDS = ["benchmark.models.logreg.grid={C:[1.0]}",
 
 def run(*args, cwd=None, check=True):
     "Run a console script of the venv; return the completed process (stdout/stderr captured)."
-    exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
-    proc = subprocess.run([exe, *map(str, args[1:])], cwd=cwd, capture_output=True, text=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # DVC stages call mlpay-* too
+    proc = subprocess.run(list(map(str, args)), cwd=cwd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
