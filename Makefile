@@ -23,7 +23,7 @@ params: $(STAMP) ## compose conf/ into params.yaml (what `dvc exp run` does befo
 	mlpay-params
 
 data: $(STAMP) ## simulate the default transactions into data/ (tracked by data.dvc) unless present
-	@test -e data/transactions.parquet || mlpay-simulate
+	@test -e data/transactions.parquet || mlpay-simulate --params params.yaml
 	@dvc commit --force --quiet data.dvc  # cache it; the simulator is deterministic, so data.dvc stays as committed
 	@git diff --quiet -- data.dvc 2>/dev/null || echo "note: data/ differs from the committed data.dvc (ingested or re-simulated data): commit data.dvc"
 

@@ -9,10 +9,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts (mlpay-*, dvc)
 
-# One grid point per model keeps the tiny benchmark to seconds.
-SMALL_GRIDS = ["benchmark.models.logreg.grid={C:[1.0]}",
+# One grid point per model and two epochs keep the tiny benchmark to seconds.
+SMALL_GRIDS = ["trainer.max_epochs=2", "benchmark.models.logreg.grid={C:[1.0]}",
                "benchmark.models.xgboost.grid={max_depth:[3]}",
                "benchmark.models.xgboost_rich.grid={max_depth:[3]}"]
+ALL_MODELS = {"logreg", "xgboost", "xgboost_rich", "mlp", "mlp_unweighted", "mlp_sampled", "sequence", "informed_ceiling"}
 
 
 def run(*args, cwd=None, check=True):

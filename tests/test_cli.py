@@ -3,7 +3,7 @@ import json
 
 import polars as pl
 
-from conftest import run
+from conftest import ALL_MODELS, run
 
 
 def test_simulate_is_deterministic(tiny_params, tiny_data, tmp_path):
@@ -25,8 +25,8 @@ def test_benchmark_on_handbook_style_csv(tiny_params, tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     proc = run("mlpay-benchmark", "--params", tiny_params, "--data", csv, "--out", out)
     result = json.loads(out.read_text())
-    assert set(result["models"]) == {"logreg", "xgboost", "xgboost_rich"}
-    for r in result["models"].values():
+    assert set(result["models"]) == ALL_MODELS
+    for r in result["models"].values():  # the informed ceiling included
         for m in ("auc", "ap", "cp100"):
             assert set(r[m]) >= {"mean", "std", "folds"} and len(r[m]["folds"]) == 4
     assert result["protocol"]["fold_starts"] == ["2018-07-25", "2018-08-01", "2018-08-08", "2018-08-15"]
@@ -39,7 +39,7 @@ def test_features_stage_feeds_benchmark(tiny_params, tiny_data, tmp_path):
     assert pl.read_parquet(feats).height == pl.read_parquet(tiny_data).height
     out = tmp_path / "b.json"
     run("mlpay-benchmark", "--params", tiny_params, "--data", tiny_data, "--features", feats, "--models", "xgboost", "--out", out)
-    assert list(json.loads(out.read_text())["models"]) == ["xgboost"]
+    assert list(json.loads(out.read_text())["models"]) == ["xgboost", "informed_ceiling"]
 
 
 def test_benchmark_errors_are_clear(tiny_params, tiny_data, tmp_path):

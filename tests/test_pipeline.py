@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, SMALL_GRIDS, run
+from conftest import ALL_MODELS, ROOT, SMALL_GRIDS, run
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_exp_run_composes_hydra_and_runs_every_stage(repo):
     proc = run("dvc", "exp", "run", "-S", "data=tiny", *(f"-S={o}" for o in SMALL_GRIDS), cwd=repo)
     assert "Running stage 'features'" in proc.stdout and "Running stage 'benchmark'" in proc.stdout
     metrics = json.loads((repo / "reports" / "benchmark.json").read_text())
-    assert set(metrics["models"]) == {"logreg", "xgboost", "xgboost_rich"}
+    assert set(metrics["models"]) == ALL_MODELS
     shown = json.loads(run("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     assert "reports/benchmark.json" in json.dumps(shown)
 
