@@ -9,12 +9,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONHASHSEED := 0
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install mlpay with its pinned dependencies
@@ -31,7 +31,12 @@ pipeline: data ## run the DVC pipeline end to end on the default data: features 
 	dvc repro
 	@dvc status
 
-test: $(STAMP) check-nbs ## run every test: the notebooks (nbdev_test) and tests/ (pytest)
+system-deps: ## install the system packages tests and benchmarks use (redis-server, wrk) when missing
+	@missing=""; for p in redis-server wrk; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq$$missing >/dev/null; fi
+
+test: $(STAMP) system-deps check-nbs ## run every test: the notebooks (nbdev_test) and tests/ (pytest)
 	nbdev_test --n_workers 2
 	pytest tests
 
@@ -46,7 +51,7 @@ test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-
 	nbdev_test --n_workers 2 --flags slow
 	pytest tests -m slow
 
-bench: $(STAMP) ## run the benchmarks and print their tables (bench/)
+bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/)
 	python bench/simulate.py
 	python bench/features.py
 
@@ -56,4 +61,4 @@ lint: $(STAMP) ## nbdev checks
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc
 
-.PHONY: help install params data pipeline test check-nbs test-slow bench lint clean
+.PHONY: help install params data pipeline system-deps test check-nbs test-slow bench lint clean

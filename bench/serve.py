@@ -1,0 +1,130 @@
+"""Serving benchmark: mlpay's full /predict path next to the bare FastAPI floor and LitServe's defaults.
+
+Each server runs alone on this machine (loopback), loaded by wrk with 16 connections; then the batch path
+(256 transactions per request) and onnxruntime in-process. Prints one table; bench/results/serve.json keeps it.
+
+    python bench/serve.py [--model artifacts/model] [--duration 10] [--warm data/transactions.parquet]
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from _common import print_table, save
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+KEY = "bench-" + "k" * 24
+
+
+def wait_healthy(port, proc, seconds=120):
+    "Poll /health until 200 (or the server dies)."
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        if proc.poll() is not None: raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200: return
+        except OSError: pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server on port {port} not healthy after {seconds} s")
+
+
+def wrk(port, script, duration, connections=16, env=None):
+    "Run wrk; return its RESULT line as a dict."
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / script),
+                          f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    m = re.search(r"RESULT (.*)", out.stdout)
+    if not m: raise RuntimeError(out.stdout + out.stderr)
+    return {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+
+
+def serve(cmd, port, env=None):
+    "Start a server process in its own process group."
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    try: wait_healthy(port, proc)
+    except RuntimeError:
+        stop(proc); log.seek(0); print(log.read()[-3000:]); raise
+    return proc
+
+
+def stop(proc):
+    try: os.killpg(proc.pid, signal.SIGTERM); proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired): os.killpg(proc.pid, signal.SIGKILL)
+
+
+def feature_body(model_dir):
+    "A JSON row of model inputs for the client-supplied-features servers."
+    from mlpay.export import onnx_session
+    s = onnx_session(model_dir / "model.onnx")
+    return {i.name: np.random.default_rng(0).random([d if isinstance(d, int) else 1 for d in i.shape][1:]).round(4).tolist() for i in s.get_inputs()}
+
+
+def ort_rows_per_s(model_dir):
+    "onnxruntime in-process: calls/s at batch 1 and rows/s at batch 1,024 (1 thread)."
+    from mlpay.export import onnx_session
+    s = onnx_session(model_dir / "model.onnx", threads=1)
+    out = {}
+    for batch in (1, 1024):
+        inputs = {i.name: np.random.default_rng(0).random([batch] + [d if isinstance(d, int) else 1 for d in i.shape][1:]).astype(np.float32) for i in s.get_inputs()}
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2: s.run(None, inputs); n += 1
+        out[batch] = n * batch / (time.perf_counter() - t0)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="artifacts/model", type=Path)
+    p.add_argument("--duration", type=int, default=10)
+    p.add_argument("--warm", default="data/transactions.parquet")
+    a = p.parse_args()
+    rows, results = [], {}
+    body = Path(tempfile.mkdtemp()) / "body.json"
+    body.write_text(json.dumps(feature_body(a.model)))
+    env_feat = {"MLPAY_BODY_FILE": str(body)}
+
+    runs = [
+        ("bare FastAPI + onnxruntime (client features)", [sys.executable, str(HERE / "bare_server.py"), str(a.model), "8101"], 8101, "features.lua", {}, {}),
+        ("LitServe defaults (client features)", [sys.executable, str(HERE / "litserve_default.py"), str(a.model), "8102"], 8102, "features.lua", {}, {}),
+    ]
+    state = tempfile.mkdtemp()
+    mlpay_env = {"MLPAY_API_KEY": KEY, "MLPAY_STATE_DIR": state, "MLPAY_WARM_FROM": a.warm if Path(a.warm).exists() else ""}
+    for name, extra in (("mlpay, full path: 1 API server, batch 64 / 1 ms", {"MLPAY_API_SERVERS": "1"}),
+                        ("mlpay, full path: 2 API servers, batch 64 / 1 ms", {"MLPAY_API_SERVERS": "2"})):
+        runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env, **extra}, {"MLPAY_KEY": KEY}))
+    for name, cmd, port, script, env, wenv in runs:
+        proc = serve(cmd, port, env)
+        try:
+            wrk(port, script, 2, env={**env_feat, **wenv})  # warm-up
+            r = wrk(port, script, a.duration, env={**env_feat, **wenv})
+        finally: stop(proc)
+        results[name] = r
+        rows.append([name, f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", int(r["errors"] + r["non2xx"])])
+
+    proc = serve([str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8104"], 8104, mlpay_env)
+    try: r = wrk(8104, "predict.lua", a.duration, connections=4, env={"MLPAY_KEY": KEY, "MLPAY_BATCH": "256"})
+    finally: stop(proc)
+    results["batch 256"] = {**r, "transactions_per_s": r["requests_per_s"] * 256}
+    rows.append(["mlpay, 256 transactions per request (4 clients)", f"{r['requests_per_s'] * 256:,.0f} tx/s", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", int(r["errors"] + r["non2xx"])])
+
+    ort = ort_rows_per_s(a.model)
+    results["onnxruntime"] = ort
+    rows.append(["onnxruntime in-process, batch 1", f"{ort[1]:,.0f} rows/s", "", "", 0])
+    rows.append(["onnxruntime in-process, batch 1,024", f"{ort[1024]:,.0f} rows/s", "", "", 0])
+    print_table(f"Serving on {os.cpu_count()} cores, loopback, wrk 16 connections, {a.duration} s each", ["server", "req/s", "p50 ms", "p99 ms", "errors"], rows)
+    save("serve", results)
+
+
+if __name__ == "__main__":
+    main()
