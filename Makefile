@@ -27,7 +27,7 @@ data: $(STAMP) ## simulate the default transactions into data/ (tracked by data.
 	@dvc commit --force --quiet data.dvc  # cache it; the simulator is deterministic, so data.dvc stays as committed
 	@git diff --quiet -- data.dvc 2>/dev/null || echo "note: data/ differs from the committed data.dvc (ingested or re-simulated data): commit data.dvc"
 
-pipeline: data ## run the DVC pipeline end to end on the default data: features -> benchmark
+pipeline: data ## run the DVC pipeline end to end: features, train, evaluate, export, benchmark
 	dvc repro
 	@dvc status
 
@@ -35,6 +35,10 @@ system-deps: ## install the system packages tests and benchmarks use (redis-serv
 	@missing=""; for p in redis-server wrk; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq$$missing >/dev/null; fi
+
+serve: $(STAMP) ## serve artifacts/model/ on 127.0.0.1:8000 (needs MLPAY_API_KEY or MLPAY_API_KEY_FILE)
+	MLPAY_STATE_DIR=$${MLPAY_STATE_DIR:-artifacts/serve-state} MLPAY_WARM_FROM=$${MLPAY_WARM_FROM:-data/transactions.parquet} \
+	  mlpay-serve --model artifacts/model --port $${PORT:-8000}
 
 test: $(STAMP) system-deps check-nbs ## run every test: the notebooks (nbdev_test) and tests/ (pytest)
 	nbdev_test --n_workers 2
@@ -54,6 +58,7 @@ test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-
 bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/)
 	python bench/simulate.py
 	python bench/features.py
+	python bench/serve.py
 
 lint: $(STAMP) ## nbdev checks
 	$(MAKE) check-nbs
@@ -61,4 +66,4 @@ lint: $(STAMP) ## nbdev checks
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc
 
-.PHONY: help install params data pipeline system-deps test check-nbs test-slow bench lint clean
+.PHONY: help install params data pipeline serve system-deps test check-nbs test-slow bench lint clean
