@@ -7,13 +7,14 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'ServeSetti
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'FraudAPI', 'EdgeMiddleware',
            'build_server', 'main']
 
-# %% ../nbs/15_serve.ipynb #047493b0
+# %% ../nbs/15_serve.ipynb #14f7a8f5
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import hmac
 import json
 import os
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #ebe04dbe
+# %% ../nbs/15_serve.ipynb #f244dade
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -61,7 +62,7 @@ class ServeSettings(BaseSettings):
         if len(k) < 16: raise ValueError("set MLPAY_API_KEY_FILE (or MLPAY_API_KEY) to a key of at least 16 characters")
         return k
 
-# %% ../nbs/15_serve.ipynb #e8a9ae58
+# %% ../nbs/15_serve.ipynb #0730dae7
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -126,7 +127,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #c9490ec4
+# %% ../nbs/15_serve.ipynb #c42b6cf5
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -148,7 +149,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #da8f069b
+# %% ../nbs/15_serve.ipynb #55ad56f4
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -194,7 +195,13 @@ class FraudAPI(ls.LitAPI):
             if s.warm_from:
                 import polars as pl
                 online.warm(pl.read_parquet(s.warm_from))
-        if snap: threading.Thread(target=self._snapshots, args=(online, snap), daemon=True).start()
+        if snap:
+            threading.Thread(target=self._snapshots, args=(online, snap), daemon=True).start()
+            def stop(signum, frame):  # a clean stop (SIGTERM from LitServe or Kubernetes) keeps the latest state
+                with self.lock: online.snapshot(snap)
+                os._exit(0)
+            try: signal.signal(signal.SIGTERM, stop)
+            except ValueError: pass  # not the worker's main thread (test harnesses): the periodic snapshot remains
         return online
 
     def _snapshots(self, online: OnlineFeatures, path: Path):
@@ -250,7 +257,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #525781ee
+# %% ../nbs/15_serve.ipynb #760819cb
 PROTECTED = ("/predict", "/feedback")
 
 def _metrics():
@@ -315,7 +322,7 @@ def _metrics_endpoint(request: Request) -> Response:
     multiprocess.MultiProcessCollector(registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #f600f69c
+# %% ../nbs/15_serve.ipynb #08e3cf4f
 def build_server(model_dir: Path | str, # a model package directory
                  settings: ServeSettings | None = None, # from the environment by default
                 ) -> ls.LitServer:

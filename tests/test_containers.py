@@ -35,7 +35,7 @@ TEST_KEY = "test-key-not-a-secret"
 # What the training jobs run on each node: 2 nodes x 8 GPUs, DDP.
 TRAIN_ARGV = ["mlpay-train", "trainer=gpu", "trainer.strategy=ddp", "trainer.devices=8", "trainer.num_nodes=2"]
 # What serving needs of the wheel's dependencies (containers/serve/requirements.txt; onnxruntime-gpu on GPU).
-SERVING_DISTS = {"numpy", "polars", "pyarrow", "pydantic", "pydantic-settings", "onnxruntime", "litserve", "redis",
+SERVING_DISTS = {"numpy", "polars", "scikit-learn", "pyarrow", "pydantic", "pydantic-settings", "onnxruntime", "litserve", "redis",
                  "prometheus-client", "omegaconf", "hydra-core"}
 
 

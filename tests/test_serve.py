@@ -1,0 +1,123 @@
+"""mlpay-serve over real HTTP: the in-process state survives a restart; Redis shares state between workers."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import BIN
+
+KEY = "serve-test-" + "k" * 16
+TX = {"transaction_id": 20_000_001, "tx_datetime": "2018-08-30T12:00:00", "customer_id": 7, "terminal_id": 11, "tx_amount": 42.0}
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    "A tiny trained, evaluated and exported model package, and transactions to warm the state from."
+    from mlpay.config import compose
+    from mlpay.evaluation import main as evaluate
+    from mlpay.export import write_package
+    from mlpay.features import FeatureSpec, compute_features
+    from mlpay.simulate import simulate
+    from mlpay.train import train
+    d = tmp_path_factory.mktemp("pkg")
+    cfg = compose(["debug=fast", "model=mlp", "trainer.max_epochs=1", f"paths.train={d}/train"])
+    tx = simulate(cfg.data, progress=False)
+    train(cfg, compute_features(tx, FeatureSpec.from_cfg(cfg.features)))
+    evaluate(["--predictions", f"{d}/train/predictions.parquet", "--out-dir", f"{d}/eval", "--package", f"{d}/train", "data=tiny"])
+    write_package(d / "train", d / "model", variants=())
+    tx.filter(pl.col("TX_TIME_DAYS") < 150).write_parquet(d / "history.parquet")
+    return d
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def post(port, path, body, key=KEY):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=__import__("json").dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r: return r.status, r.read().decode()
+    except urllib.error.HTTPError as e: return e.code, e.read().decode()
+
+
+class Server:
+    "mlpay-serve in a subprocess, ready when /health says so."
+    def __init__(self, model, **env):
+        self.port = free_port()
+        self.proc = subprocess.Popen([str(BIN / "mlpay-serve"), "--model", str(model), "--port", str(self.port)],
+                                     env={**os.environ, "MLPAY_API_KEY": KEY, **{k: str(v) for k, v in env.items()}},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for _ in range(240):
+            assert self.proc.poll() is None, self.proc.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                    if r.status == 200: return
+            except OSError: pass
+            time.sleep(0.5)
+        raise AssertionError("server not ready")
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try: self.proc.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def test_in_process_state_survives_a_restart(package, tmp_path):
+    env = dict(MLPAY_STATE_DIR=tmp_path / "state", MLPAY_WARM_FROM=package / "history.parquet", MLPAY_SNAPSHOT_EVERY_S=3600)
+    s = Server(package / "model", **env)
+    try:
+        assert post(s.port, "/predict", TX)[0] == 200
+        assert post(s.port, "/predict", TX, key="wrong-key-" + "x" * 10)[0] == 401
+    finally: s.stop()
+    assert (tmp_path / "state" / "online-state.npz").exists()  # written on SIGTERM, not by the hourly timer
+    s = Server(package / "model", **env)
+    try:  # the restored state remembers the transaction: the same id with other contents is a conflict
+        status, body = post(s.port, "/predict", {**TX, "tx_amount": 43.0})
+        assert status == 409, body
+        assert post(s.port, "/predict", TX)[0] == 200  # while a plain retry is scored again
+    finally: s.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    if not shutil.which("redis-server"): pytest.skip("redis-server is not installed (make system-deps installs it)")
+    port, d = free_port(), tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try: socket.create_connection(("127.0.0.1", port), timeout=0.2).close(); break
+        except OSError: time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate(); proc.wait(10)
+
+
+def test_two_workers_share_state_through_redis(package, redis_url):
+    s = Server(package / "model", MLPAY_REDIS_URL=redis_url, MLPAY_WORKERS=2)
+    try:
+        statuses = [post(s.port, "/predict", {**TX, "transaction_id": 30_000_000 + i})[0] for i in range(20)]
+        assert statuses == [200] * 20
+        # whichever worker answers, the shared state knows every id: other contents under a known id conflict
+        assert {post(s.port, "/predict", {**TX, "transaction_id": 30_000_000 + i, "tx_amount": 1.0})[0] for i in range(20)} == {409}
+        assert post(s.port, "/feedback", {"labels": [{"transaction_id": 30_000_005, "fraud": True}]}) == (200, '{"accepted":1,"unknown":[]}')
+    finally: s.stop()
+
+
+def test_more_than_one_worker_needs_redis(package):
+    proc = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(package / "model")], capture_output=True, text=True,
+                          env={**os.environ, "MLPAY_API_KEY": KEY, "MLPAY_WORKERS": "2"}, timeout=60)
+    assert proc.returncode != 0 and "MLPAY_REDIS_URL" in proc.stderr
+
+
+def test_no_api_key_no_server(package):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLPAY_")}
+    proc = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(package / "model")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "MLPAY_API_KEY" in proc.stderr
