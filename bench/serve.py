@@ -59,8 +59,13 @@ def serve(cmd, port, env=None):
 
 
 def stop(proc):
-    try: os.killpg(proc.pid, signal.SIGTERM); proc.wait(20)
-    except (ProcessLookupError, subprocess.TimeoutExpired): os.killpg(proc.pid, signal.SIGKILL)
+    "SIGTERM to the server's process group, then SIGKILL whatever is left of it (workers, API servers)."
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try: os.killpg(proc.pid, sig)
+        except ProcessLookupError: return
+        try: proc.wait(wait)
+        except subprocess.TimeoutExpired: pass
+        time.sleep(1)  # let the group's other members exit before the next signal
 
 
 def feature_body(model_dir):

@@ -66,9 +66,13 @@ class Server:
         raise AssertionError("server not ready")
 
     def stop(self):
+        "SIGTERM (the worker snapshots its state), then SIGKILL whatever is left of the process group."
         os.killpg(self.proc.pid, signal.SIGTERM)
         try: self.proc.wait(30)
-        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired: pass
+        time.sleep(1)
+        try: os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
 
 
 def test_in_process_state_survives_a_restart(package, tmp_path):
