@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'ServeSetti
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'FraudAPI', 'EdgeMiddleware',
            'build_server', 'main']
 
-# %% ../nbs/15_serve.ipynb #14f7a8f5
+# %% ../nbs/15_serve.ipynb #5941a402
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import hmac
@@ -36,7 +36,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #f244dade
+# %% ../nbs/15_serve.ipynb #af12a015
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -62,7 +62,7 @@ class ServeSettings(BaseSettings):
         if len(k) < 16: raise ValueError("set MLPAY_API_KEY_FILE (or MLPAY_API_KEY) to a key of at least 16 characters")
         return k
 
-# %% ../nbs/15_serve.ipynb #0730dae7
+# %% ../nbs/15_serve.ipynb #2368768f
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -127,7 +127,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #c42b6cf5
+# %% ../nbs/15_serve.ipynb #9e9bf3ee
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -149,7 +149,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #55ad56f4
+# %% ../nbs/15_serve.ipynb #0efc0e36
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -257,7 +257,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #760819cb
+# %% ../nbs/15_serve.ipynb #07a517f0
 PROTECTED = ("/predict", "/feedback")
 
 def _metrics():
@@ -322,7 +322,7 @@ def _metrics_endpoint(request: Request) -> Response:
     multiprocess.MultiProcessCollector(registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #08e3cf4f
+# %% ../nbs/15_serve.ipynb #7f21e6b2
 def build_server(model_dir: Path | str, # a model package directory
                  settings: ServeSettings | None = None, # from the environment by default
                 ) -> ls.LitServer:
@@ -352,4 +352,5 @@ def main(argv=None):
     settings = ServeSettings()
     try: server = build_server(a.model, settings)
     except (ValueError, OSError) as e: raise SystemExit(f"error: {e}") from None
-    server.run(host=a.host, port=a.port, num_api_servers=settings.api_servers, generate_client_file=False)
+    # No access log: a line per request costs CPU on the hot path; /metrics counts requests instead.
+    server.run(host=a.host, port=a.port, num_api_servers=settings.api_servers, generate_client_file=False, access_log=False)
