@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'ServeSetti
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'FraudAPI', 'EdgeMiddleware',
            'build_server', 'main']
 
-# %% ../nbs/15_serve.ipynb #5941a402
+# %% ../nbs/15_serve.ipynb #e3d26870
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import hmac
@@ -36,7 +36,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #af12a015
+# %% ../nbs/15_serve.ipynb #14619ef3
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -47,7 +47,7 @@ class ServeSettings(BaseSettings):
     warm_from: Path | None = None # transactions (Parquet) to warm the online state from when no snapshot exists
     snapshot_every_s: float = 60.0 # in-process state snapshot period
     workers: int = 1 # inference worker processes (more than one needs redis_url)
-    api_servers: int = 1 # HTTP processes in front of the workers
+    api_servers: int = 2 # HTTP processes in front of the workers (2 beats 1 by a third on 2 cores, bench/serve.py)
     max_batch_size: int = 64 # requests batched into one model call ...
     batch_timeout_s: float = 0.001 # ... waiting at most this long for a batch to fill (0 busy-polls a core)
     timeout_s: float = 2.0 # a request waiting longer than this in LitServe's queue gets a 504
@@ -62,7 +62,7 @@ class ServeSettings(BaseSettings):
         if len(k) < 16: raise ValueError("set MLPAY_API_KEY_FILE (or MLPAY_API_KEY) to a key of at least 16 characters")
         return k
 
-# %% ../nbs/15_serve.ipynb #2368768f
+# %% ../nbs/15_serve.ipynb #9acb9029
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -127,7 +127,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #9e9bf3ee
+# %% ../nbs/15_serve.ipynb #8fa9a731
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -149,7 +149,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #0efc0e36
+# %% ../nbs/15_serve.ipynb #b6dcff8a
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -257,7 +257,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #07a517f0
+# %% ../nbs/15_serve.ipynb #21ef1ce3
 PROTECTED = ("/predict", "/feedback")
 
 def _metrics():
@@ -322,7 +322,7 @@ def _metrics_endpoint(request: Request) -> Response:
     multiprocess.MultiProcessCollector(registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #7f21e6b2
+# %% ../nbs/15_serve.ipynb #f912a7a1
 def build_server(model_dir: Path | str, # a model package directory
                  settings: ServeSettings | None = None, # from the environment by default
                 ) -> ls.LitServer:
