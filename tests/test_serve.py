@@ -1,4 +1,4 @@
-"""mlpay-serve over real HTTP: the in-process state survives a restart; Redis shares state between workers."""
+"""mlpay-serve over real HTTP: the in-process state survives a restart; Redis shares state between processes."""
 import os
 import shutil
 import signal
@@ -104,21 +104,32 @@ def redis_url(tmp_path_factory):
     proc.terminate(); proc.wait(10)
 
 
-def test_two_workers_share_state_through_redis(package, redis_url):
-    s = Server(package / "model", MLPAY_REDIS_URL=redis_url, MLPAY_WORKERS=2)
+@pytest.mark.parametrize("processes, first_id", [({"MLPAY_WORKERS": 2}, 30_000_000), ({"MLPAY_API_SERVERS": 2}, 31_000_000)],
+                         ids=["two LitServe workers", "two HTTP processes scoring"])
+def test_two_processes_share_state_through_redis(package, redis_url, processes, first_id):
+    s = Server(package / "model", MLPAY_REDIS_URL=redis_url, **processes)
     try:
-        statuses = [post(s.port, "/predict", {**TX, "transaction_id": 30_000_000 + i})[0] for i in range(20)]
+        statuses = [post(s.port, "/predict", {**TX, "transaction_id": first_id + i})[0] for i in range(20)]
         assert statuses == [200] * 20
-        # whichever worker answers, the shared state knows every id: other contents under a known id conflict
-        assert {post(s.port, "/predict", {**TX, "transaction_id": 30_000_000 + i, "tx_amount": 1.0})[0] for i in range(20)} == {409}
-        assert post(s.port, "/feedback", {"labels": [{"transaction_id": 30_000_005, "fraud": True}]}) == (200, '{"accepted":1,"unknown":[]}')
+        # whichever process answers, the shared state knows every id: other contents under a known id conflict
+        assert {post(s.port, "/predict", {**TX, "transaction_id": first_id + i, "tx_amount": 1.0})[0] for i in range(20)} == {409}
+        assert post(s.port, "/feedback", {"labels": [{"transaction_id": first_id + 5, "fraud": True}]}) == (200, '{"accepted":1,"unknown":[]}')
     finally: s.stop()
 
 
-def test_more_than_one_worker_needs_redis(package):
+@pytest.mark.parametrize("processes", [{"MLPAY_WORKERS": "2"}, {"MLPAY_API_SERVERS": "2"}])
+def test_in_process_state_has_one_owner(package, processes):
     proc = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(package / "model")], capture_output=True, text=True,
-                          env={**os.environ, "MLPAY_API_KEY": KEY, "MLPAY_WORKERS": "2"}, timeout=60)
-    assert proc.returncode != 0 and "MLPAY_REDIS_URL" in proc.stderr
+                          env={**os.environ, "MLPAY_API_KEY": KEY, **processes}, timeout=60)
+    assert proc.returncode != 0 and "MLPAY_REDIS_URL" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_changed_package_is_refused_before_serving(package, tmp_path):
+    shutil.copytree(package / "model", tmp_path / "model")
+    with open(tmp_path / "model" / "model.onnx", "ab") as f: f.write(b"\0")
+    proc = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(tmp_path / "model")], capture_output=True, text=True,
+                          env={**os.environ, "MLPAY_API_KEY": KEY}, timeout=60)
+    assert proc.returncode != 0 and "model.onnx" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_no_api_key_no_server(package):
