@@ -105,8 +105,8 @@ def main():
     ]
     state = tempfile.mkdtemp()
     mlpay_env = {"MLPAY_API_KEY": KEY, "MLPAY_STATE_DIR": state, "MLPAY_WARM_FROM": a.warm if Path(a.warm).exists() else ""}
-    for name, extra in (("mlpay, full path: 1 API server, batch 64 / 1 ms", {"MLPAY_API_SERVERS": "1"}),
-                        ("mlpay, full path: 2 API servers, batch 64 / 1 ms", {"MLPAY_API_SERVERS": "2"})):
+    for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
+                        ("mlpay, full path, scoring in the HTTP process (default)", {})):
         runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env, **extra}, {"MLPAY_KEY": KEY}))
     for name, cmd, port, script, env, wenv in runs:
         proc = serve(cmd, port, env)

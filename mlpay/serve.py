@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'REQUESTS',
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'FraudAPI', 'EdgeMiddleware',
            'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/15_serve.ipynb #201eb55a
+# %% ../nbs/15_serve.ipynb #fa7ac21c
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import hmac
@@ -39,7 +39,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #38b3a164
+# %% ../nbs/15_serve.ipynb #3a846f1a
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -74,7 +74,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/15_serve.ipynb #6d7e652b
+# %% ../nbs/15_serve.ipynb #a6278aec
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -139,7 +139,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #77d4aedb
+# %% ../nbs/15_serve.ipynb #0be38255
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -161,7 +161,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #a76a7346
+# %% ../nbs/15_serve.ipynb #126b21d7
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -263,7 +263,9 @@ class FraudAPI(ls.LitAPI):
             inputs = {"features": np.concatenate([i.features for i in rows])[:, self.inputs]}
             if self.n_history: inputs["history"] = np.concatenate([i.history for i in rows])
             scores = self.session.run(None, inputs)[0]
-            for i, part in zip(rows, np.split(scores, np.cumsum([len(i.ids) for i in rows])[:-1])): i.scores = part
+            if len(rows) == 1: rows[0].scores = scores
+            else:
+                for i, part in zip(rows, np.split(scores, np.cumsum([len(i.ids) for i in rows])[:-1])): i.scores = part
         return x
 
     def encode_response(self, item: Decoded):  # no return annotation: LitServe would make it the response model
@@ -278,22 +280,32 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #b6976f8e
+# %% ../nbs/15_serve.ipynb #434bd0d5
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
+def _registry():
+    "What /metrics reads: every process's files in multiprocess mode (PROMETHEUS_MULTIPROC_DIR set), else this process's metrics."
+    from prometheus_client import CollectorRegistry, multiprocess
+    global _REGISTRY
+    if "_REGISTRY" not in globals():
+        _REGISTRY = CollectorRegistry()
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ: multiprocess.MultiProcessCollector(_REGISTRY)
+    return _REGISTRY
+
 def _metrics():
-    "The server's Prometheus metrics (created on first use, after PROMETHEUS_MULTIPROC_DIR is set)."
+    "The server's Prometheus metrics (created on first use, after `_metrics_dir`)."
     global _METRICS
     if "_METRICS" not in globals():
         from prometheus_client import Counter, Histogram
+        # in multiprocess mode the values live in PROMETHEUS_MULTIPROC_DIR (registry None), read back by /metrics
+        r = None if "PROMETHEUS_MULTIPROC_DIR" in os.environ else _registry()
         _METRICS = {
-            # registry=None: in multiprocess mode the values live in PROMETHEUS_MULTIPROC_DIR, read back by /metrics
-            "requests": Counter("mlpay_requests", "HTTP requests by path and status", ["path", "status"], registry=None),
-            "latency": Histogram("mlpay_request_seconds", "HTTP request latency", ["path"], registry=None,
+            "requests": Counter("mlpay_requests", "HTTP requests by path and status", ["path", "status"], registry=r),
+            "latency": Histogram("mlpay_request_seconds", "HTTP request latency", ["path"], registry=r,
                                  buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5)),
-            "decisions": Counter("mlpay_decisions", "scored transactions by decision", ["decision"], registry=None),
-            "rejected": Counter("mlpay_rejected", "requests refused at the edge", ["reason"], registry=None),
+            "decisions": Counter("mlpay_decisions", "scored transactions by decision", ["decision"], registry=r),
+            "rejected": Counter("mlpay_rejected", "requests refused at the edge", ["reason"], registry=r),
         }
     return _METRICS
 
@@ -363,12 +375,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _invalid(exc.errors())
 
 def _metrics_endpoint(request: Request) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #3000ebb3
+# %% ../nbs/15_serve.ipynb #287a17f7
 def _edge(settings: ServeSettings, api: "FraudAPI | None" = None) -> tuple:
     "The edge middleware and its arguments."
     return EdgeMiddleware, {"api_key": settings.key(), "max_in_flight": settings.max_in_flight, "max_body_bytes": settings.max_body_bytes, "api": api}
@@ -378,8 +388,9 @@ def _common_routes(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_api_route("/metrics", _metrics_endpoint, methods=["GET"], include_in_schema=False)
 
-def _metrics_dir() -> None:
-    "Prometheus multiprocess mode: every process of the server writes its metrics under one directory."
+def _metrics_dir(settings: ServeSettings) -> None:
+    "Prometheus multiprocess mode when the server has several processes: each writes its metrics under one directory."
+    if not settings.workers and settings.api_servers == 1: return  # one process: plain in-memory metrics, no file write per increment
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlpay-metrics-{os.getpid()}"))
     Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
@@ -388,7 +399,7 @@ def build_app(model_dir: Path | str, # a model package directory
              ) -> FastAPI:
     "The server that scores in its HTTP process (`MLPAY_WORKERS=0`): /predict, /feedback, /health, /metrics, docs."
     settings = settings or ServeSettings()
-    _metrics_dir()
+    _metrics_dir(settings)
     api = FraudAPI(model_dir, settings)
 
     @asynccontextmanager
@@ -415,7 +426,7 @@ def build_server(model_dir: Path | str, # a model package directory
     "The LitServe server scoring in `settings.workers` inference workers: the same routes and edge as `build_app`."
     settings = settings or ServeSettings()
     if settings.workers < 1: raise ValueError("build_server runs LitServe inference workers: set MLPAY_WORKERS >= 1")
-    _metrics_dir()
+    _metrics_dir(settings)
     api = FraudAPI(model_dir, settings)
     server = ls.LitServer(api, accelerator="auto", workers_per_device=settings.workers, timeout=settings.timeout_s,
                           fast_queue=True, middlewares=[_edge(settings)])
@@ -448,4 +459,5 @@ def main(argv=None):
     elif settings.api_servers == 1: uvicorn.run(build_app(a.model, settings), host=a.host, port=a.port, access_log=False)
     else:  # uvicorn's process manager; each process imports the app from MLPAY_MODEL
         os.environ["MLPAY_MODEL"] = str(Path(a.model).resolve())
+        _metrics_dir(settings)  # here, so that every process inherits the same directory
         uvicorn.run("mlpay.serve:create_app", factory=True, workers=settings.api_servers, host=a.host, port=a.port, access_log=False)
