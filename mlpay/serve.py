@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'REQUESTS', 'ServeSettings', 'looks_like_pan', 'Transaction',
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'FraudAPI', 'EdgeMiddleware',
-           'build_app', 'build_server', 'create_app', 'main']
+           'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/15_serve.ipynb #fa7ac21c
+# %% ../nbs/15_serve.ipynb #1dffb536
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
+import asyncio
 import hmac
 import json
 import os
@@ -39,7 +40,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #3a846f1a
+# %% ../nbs/15_serve.ipynb #9867eafb
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -74,7 +75,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/15_serve.ipynb #a6278aec
+# %% ../nbs/15_serve.ipynb #4b1275d7
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -139,7 +140,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #0be38255
+# %% ../nbs/15_serve.ipynb #1651c386
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -161,7 +162,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #126b21d7
+# %% ../nbs/15_serve.ipynb #cabc8332
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -280,7 +281,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #434bd0d5
+# %% ../nbs/15_serve.ipynb #1c326612
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -327,7 +328,7 @@ class EdgeMiddleware:
                  api: "FraudAPI | None" = None, # score /predict and /feedback here with this (set up) API; None: pass them on
                 ):
         self.app, self.expected, self.max_in_flight, self.max_body = app, f"Bearer {api_key}".encode(), max_in_flight, max_body_bytes
-        self.api, self.in_flight = api, 0
+        self.api, self.in_flight, self.batch = api, 0, []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
@@ -369,7 +370,22 @@ class EdgeMiddleware:
             if len(body) > self.max_body: return _json(413, f"request body over {self.max_body} bytes")
         try: request = REQUESTS[path].model_validate_json(body)
         except ValidationError as e: return _invalid(e.errors(include_input=False))
-        return _answer(self.api.score(request))
+        item = self.api.decode_request(request)  # at once: the state sees transactions in arrival order
+        if item.ids:  # join this event-loop turn's batch: one model call for all the requests read in it
+            if not self.batch: asyncio.get_running_loop().call_soon(self._predict)
+            done = asyncio.get_running_loop().create_future()
+            self.batch.append((item, done))
+            await done
+        return _answer(self.api.encode_response(item))
+
+    def _predict(self):
+        "Score the batch gathered in this event-loop turn (no waiting: batches form only when requests arrive together)."
+        batch, self.batch = self.batch, []
+        try: self.api.predict([item for item, _ in batch])
+        except Exception as e:
+            for _, done in batch: done.set_exception(e)
+        else:
+            for _, done in batch: done.set_result(None)
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _invalid(exc.errors())
@@ -378,7 +394,14 @@ def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #287a17f7
+# %% ../nbs/15_serve.ipynb #027ff1d5
+def serving_device() -> str:
+    "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
+    # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
+    import onnxruntime as ort
+    from litserve.connector import check_cuda_with_nvidia_smi
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() and check_cuda_with_nvidia_smi() > 0 else "cpu"
+
 def _edge(settings: ServeSettings, api: "FraudAPI | None" = None) -> tuple:
     "The edge middleware and its arguments."
     return EdgeMiddleware, {"api_key": settings.key(), "max_in_flight": settings.max_in_flight, "max_body_bytes": settings.max_body_bytes, "api": api}
@@ -404,7 +427,7 @@ def build_app(model_dir: Path | str, # a model package directory
 
     @asynccontextmanager
     async def lifespan(app):
-        api.setup(ls.connector._Connector(accelerator="auto").accelerator)  # LitServe's device choice: cuda when present
+        api.setup(serving_device())
         yield
         api.close()  # a clean stop (SIGTERM) keeps the latest in-process state
 
@@ -428,7 +451,7 @@ def build_server(model_dir: Path | str, # a model package directory
     if settings.workers < 1: raise ValueError("build_server runs LitServe inference workers: set MLPAY_WORKERS >= 1")
     _metrics_dir(settings)
     api = FraudAPI(model_dir, settings)
-    server = ls.LitServer(api, accelerator="auto", workers_per_device=settings.workers, timeout=settings.timeout_s,
+    server = ls.LitServer(api, accelerator=serving_device(), workers_per_device=settings.workers, timeout=settings.timeout_s,
                           fast_queue=True, middlewares=[_edge(settings)])
     _common_routes(server.app)
     handler = ls.server.RegularRequestHandler(api, server)  # /feedback rides the /predict queue to the same worker
