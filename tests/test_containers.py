@@ -36,7 +36,7 @@ TEST_KEY = "test-key-not-a-secret"
 TRAIN_ARGV = ["mlpay-train", "trainer=gpu", "trainer.strategy=ddp", "trainer.devices=8", "trainer.num_nodes=2"]
 # What serving needs of the wheel's dependencies (containers/serve/requirements.txt; onnxruntime-gpu on GPU).
 SERVING_DISTS = {"numpy", "polars", "scikit-learn", "pyarrow", "pydantic", "pydantic-settings", "onnxruntime", "litserve", "redis",
-                 "prometheus-client", "omegaconf", "hydra-core"}
+                 "prometheus-client", "omegaconf", "hydra-core", "orjson", "fastapi", "uvicorn"}
 
 
 def settings():
