@@ -1,7 +1,8 @@
 """Serving benchmark: mlpay's full /predict path next to the bare FastAPI floor and LitServe's defaults.
 
-Each server runs alone on this machine (loopback), loaded by wrk with 16 connections; then the batch path
-(256 transactions per request) and onnxruntime in-process. Prints one table; bench/results/serve.json keeps it.
+Each server runs alone on this machine (loopback), loaded by wrk with 16 connections (with Redis state too where
+redis-server is installed); then the batch path (256 transactions per request) and onnxruntime in-process.
+Prints one table; bench/results/serve.json keeps it.
 
     python bench/serve.py [--model artifacts/model] [--duration 10] [--warm data/transactions.parquet]
 """
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +70,26 @@ def stop(proc):
         time.sleep(1)  # let the group's other members exit before the next signal
 
 
+def run_all(runs, duration, env_feat, results, rows):
+    "Each server alone: start it, warm it up for 2 s, measure, stop it."
+    for name, cmd, port, script, env, wenv in runs:
+        proc = serve(cmd, port, env)
+        try:
+            wrk(port, script, 2, env={**env_feat, **wenv})  # warm-up
+            r = wrk(port, script, duration, env={**env_feat, **wenv})
+        finally: stop(proc)
+        results[name] = r
+        rows.append([name, f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", int(r["errors"] + r["non2xx"])])
+
+
+def start_redis(port=8106):
+    "A throwaway redis-server (no persistence) and its URL, or None where redis-server is not installed."
+    if not shutil.which("redis-server"): return None
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def feature_body(model_dir):
     "A JSON row of model inputs for the client-supplied-features servers."
     from mlpay.export import onnx_session
@@ -108,14 +130,13 @@ def main():
     for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
                         ("mlpay, full path, scoring in the HTTP process (default)", {})):
         runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env, **extra}, {"MLPAY_KEY": KEY}))
-    for name, cmd, port, script, env, wenv in runs:
-        proc = serve(cmd, port, env)
-        try:
-            wrk(port, script, 2, env={**env_feat, **wenv})  # warm-up
-            r = wrk(port, script, a.duration, env={**env_feat, **wenv})
-        finally: stop(proc)
-        results[name] = r
-        rows.append([name, f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", int(r["errors"] + r["non2xx"])])
+    redis = start_redis()
+    if redis:
+        runs.append(("mlpay, full path, 2 HTTP processes scoring, state in Redis", [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8105"], 8105,
+                     "predict.lua", {"MLPAY_API_KEY": KEY, "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))
+    try: run_all(runs, a.duration, env_feat, results, rows)
+    finally:
+        if redis: redis[0].terminate()
 
     proc = serve([str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8104"], 8104, mlpay_env)
     try: r = wrk(8104, "predict.lua", a.duration, connections=4, env={"MLPAY_KEY": KEY, "MLPAY_BATCH": "256"})
