@@ -39,6 +39,7 @@ try:
 except ImportError:  # not installed: use the checkout this script lives in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mlpay.models import MLP, FraudModule, SequenceNet
+from mlpay.variants import float32_nodes, named, to_fp16 as variants_fp16
 
 N_FEATURES, N_STEPS, STEP_VALUES = 23, 8, 3
 LOG_COLUMNS = 12  # the first 12 synthetic features are non-negative and heavy-tailed: log1p, as conf/model's log1p patterns
@@ -107,7 +108,7 @@ class Scorer(torch.nn.Module):
         return torch.sigmoid(self.net(features) if history is None else self.net(features, history))
 
 
-# ---------------------------------------------------------------- ONNX: export, sessions, fp16 (as mlpay.export)
+# ---------------------------------------------------------------- ONNX: export, sessions, fp16 (mlpay.variants)
 def export_onnx(net: torch.nn.Module, example: dict[str, np.ndarray]) -> bytes:
     "The score graph with a dynamic batch axis (TorchScript exporter: no onnxscript needed)."
     names, buf = list(example), io.BytesIO()
@@ -135,44 +136,10 @@ def run_scores(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> np.
     return sess.run(["score"], inputs)[0]
 
 
-_LEARNED_OPS = {"Gemm", "MatMul", "GRU", "LSTM", "RNN", "Conv", "Attention", "MultiHeadAttention"}
-
-
-def _float32_nodes(graph) -> set[str]:
-    "Nodes computed from the raw inputs and constants only (the preprocessing), and constants only they read."
-    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    raw, names = {i.name for i in graph.input}, set()
-    for n in graph.node:  # ONNX keeps nodes in topological order
-        ins = [i for i in n.input if i]
-        if n.op_type not in _LEARNED_OPS | {"Shape"} and any(i in raw for i in ins) and all(i in raw or i in consts for i in ins):
-            names.add(n.name); raw.update(n.output)
-    readers: dict[str, set] = {}
-    for n in graph.node:
-        for i in n.input: readers.setdefault(i, set()).add(n.name)
-    return names | {n.name for n in graph.node if n.op_type == "Constant" and readers.get(n.output[0]) and readers[n.output[0]] <= names}
-
-
-def _cast_to(node): return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-
-
 def to_fp16(model: bytes) -> bytes:
     "mlpay.export.convert_fp16 without its value-range check: float16 except the raw-input preprocessing; float32 I/O."
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    m = onnx.load_from_string(model)
-    for i, n in enumerate(m.graph.node): n.name = n.name or f"node_{i}"
-    keep = _float32_nodes(m.graph)
-    m = convert_float_to_float16(m, keep_io_types=True, node_block_list=sorted(keep))
-    g = m.graph  # readers of Cast(float32 -> float16 -> float32) of a float32 tensor read that tensor (no overflow)
-    f32 = {i.name for i in g.input} | {o for n in g.node if n.name in keep for o in n.output}
-    producer = {o: n for n in g.node for o in n.output}
-    alias = {}
-    for n in g.node:
-        p = producer.get(n.input[0]) if _cast_to(n) == onnx.TensorProto.FLOAT else None
-        if p is not None and _cast_to(p) == onnx.TensorProto.FLOAT16 and p.input[0] in f32: alias[n.output[0]] = p.input[0]
-    for n in g.node: n.input[:] = [alias.get(i, i) for i in n.input]
-    while dead := [n for n in g.node if not set(n.output) & ({i for x in g.node for i in x.input} | {o.name for o in g.output})]:
-        for n in dead: g.node.remove(n)
-    return m.SerializeToString()
+    m = named(onnx.load_from_string(model))
+    return variants_fp16(m, float32_nodes(m)).SerializeToString()
 
 
 # ---------------------------------------------------------------- timing
