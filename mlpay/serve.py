@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'REQUESTS', 'ServeSettings', 'looks_like_pan', 'Transaction',
-           'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'FraudAPI', 'EdgeMiddleware',
-           'serving_device', 'build_app', 'build_server', 'create_app', 'main']
+           'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'features_of', 'FraudAPI',
+           'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/15_serve.ipynb #d93460a7
+# %% ../nbs/15_serve.ipynb #6ac239f0
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
@@ -40,7 +40,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #a96712b7
+# %% ../nbs/15_serve.ipynb #b81f9112
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -50,6 +50,8 @@ class ServeSettings(BaseSettings):
     state_dir: Path | None = None # where the in-process state is snapshotted (restored at start)
     warm_from: Path | None = None # transactions (Parquet) to warm the online state from when no snapshot exists
     snapshot_every_s: float = 60.0 # in-process state snapshot period
+    max_lateness_s: float = Field(86_400, gt=0) # a transaction further behind the newest one recorded gets a 422
+    card_idle_days: float | None = Field(None, gt=0) # forget a card idle this long (None: keep its last transactions, as training does)
     workers: int = Field(0, ge=0) # LitServe inference workers; 0: the HTTP process scores (fastest on CPU, bench/serve.py)
     api_servers: int = Field(1, ge=1) # HTTP processes (2 in front of LitServe workers serve a third more on 2 cores)
     max_batch_size: int = 64 # requests a LitServe worker batches into one model call ...
@@ -75,7 +77,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/15_serve.ipynb #4d4c5251
+# %% ../nbs/15_serve.ipynb #c96490d9
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -140,7 +142,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #c9f92f91
+# %% ../nbs/15_serve.ipynb #f17d6205
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -162,7 +164,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #a3d23592
+# %% ../nbs/15_serve.ipynb #ff04359e
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -175,6 +177,11 @@ class Decoded:
     scores: np.ndarray | None = None # filled by predict
     error: tuple[int, str] | None = None # (HTTP status, message) of a request the state refused
 
+def features_of(manifest: dict) -> tuple[FeatureSpec, int]:
+    "The feature specification and the history steps a packaged model reads."
+    fs = manifest["feature_spec"]
+    return FeatureSpec(**{k: v for k, v in fs.items() if k != "names"}), (manifest.get("history") or {}).get("steps", 0)
+
 class FraudAPI(ls.LitAPI):
     "Fraud scoring: online features, the ONNX model, calibrated decisions and reasons."
     def __init__(self, model_dir: Path | str, settings: ServeSettings):
@@ -184,11 +191,9 @@ class FraudAPI(ls.LitAPI):
     def setup(self, device):
         pkg = load_package(self.model_dir)  # refuses a package whose hashes do not match
         m = pkg.manifest
-        fs = m["feature_spec"]
-        self.version, columns = m["version"], list(fs["names"])  # the model's input columns, in order
-        self.spec = FeatureSpec(**{k: v for k, v in fs.items() if k != "names"})
+        self.version, columns = m["version"], list(m["feature_spec"]["names"])  # the model's input columns, in order
+        self.spec, self.n_history = features_of(m)
         self.inputs = np.array([self.spec.names.index(c) for c in columns])  # model columns within the online features
-        self.n_history = (m.get("history") or {}).get("steps", 0)
         cuda = str(device).startswith("cuda")
         self.session = pkg.session(providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"],
                                    threads=self.settings.ort_threads)
@@ -208,12 +213,13 @@ class FraudAPI(ls.LitAPI):
     def _open_state(self) -> OnlineFeatures:
         "Redis when configured; else the in-process state, restored from its snapshot or warmed from data."
         s = self.settings
-        if s.redis_url: return OnlineFeatures(self.spec, self.n_history, RedisStore(s.redis_url))
+        retention = {"max_lateness_s": s.max_lateness_s, "card_idle_days": s.card_idle_days}
+        if s.redis_url: return OnlineFeatures(self.spec, self.n_history, RedisStore(s.redis_url), **retention)
         if s.state_dir: s.state_dir.mkdir(parents=True, exist_ok=True)
         snap = self.snapshot_path = s.state_dir / "online-state.npz" if s.state_dir else None
-        if snap and snap.exists(): online = OnlineFeatures.restore(snap, self.spec, self.n_history)
+        if snap and snap.exists(): online = OnlineFeatures.restore(snap, self.spec, self.n_history, **retention)
         else:
-            online = OnlineFeatures(self.spec, self.n_history, MemoryStore())
+            online = OnlineFeatures(self.spec, self.n_history, MemoryStore(), **retention)
             if s.warm_from:
                 import polars as pl
                 online.warm(pl.read_parquet(s.warm_from))
@@ -281,7 +287,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #18ce6b8e
+# %% ../nbs/15_serve.ipynb #bca64cad
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -396,7 +402,7 @@ def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #7939fc4b
+# %% ../nbs/15_serve.ipynb #fa94ca00
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
@@ -475,7 +481,8 @@ def main(argv=None):
     try:
         settings = ServeSettings()
         settings.key()
-        load_package(a.model)  # refuse a bad package here, with its message, before any process starts
+        # refuse a bad package or retention here, with its message, before any process starts
+        OnlineFeatures(*features_of(load_package(a.model).manifest), max_lateness_s=settings.max_lateness_s, card_idle_days=settings.card_idle_days)
         if settings.workers: server = build_server(a.model, settings)
     except (ValueError, OSError) as e: raise SystemExit(f"error: {e}") from None
     # No access log: a line per request costs CPU on the hot path; /metrics counts requests instead.

@@ -124,6 +124,12 @@ def test_in_process_state_has_one_owner(package, processes):
     assert proc.returncode != 0 and "MLPAY_REDIS_URL" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_retention_shorter_than_the_windows_is_refused_before_serving(package):
+    proc = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(package / "model")], capture_output=True, text=True,
+                          env={**os.environ, "MLPAY_API_KEY": KEY, "MLPAY_CARD_IDLE_DAYS": "2"}, timeout=60)
+    assert proc.returncode != 0 and "card_idle_days" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_changed_package_is_refused_before_serving(package, tmp_path):
     shutil.copytree(package / "model", tmp_path / "model")
     with open(tmp_path / "model" / "model.onnx", "ab") as f: f.write(b"\0")
