@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'REQUESTS',
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'features_of', 'FraudAPI',
            'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/15_serve.ipynb #6ac239f0
+# %% ../nbs/15_serve.ipynb #629950e4
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import litserve as ls
+import onnxruntime as ort
 import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from litserve.connector import check_cuda_with_nvidia_smi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -40,7 +42,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #b81f9112
+# %% ../nbs/15_serve.ipynb #e1b8d967
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -56,7 +58,7 @@ class ServeSettings(BaseSettings):
     api_servers: int = Field(1, ge=1) # HTTP processes (2 in front of LitServe workers serve a third more on 2 cores)
     max_batch_size: int = 64 # requests a LitServe worker batches into one model call ...
     batch_timeout_s: float = 0.001 # ... waiting at most this long for a batch to fill (0 busy-polls a core)
-    timeout_s: float = 2.0 # a request waiting longer than this in LitServe's queue gets a 504
+    timeout_s: float = 2.0 # a request waiting longer than this in LitServe's queue gets a 504 (LitServe workers only)
     max_in_flight: int = 256 # beyond this many concurrent requests per HTTP process: 503 at once
     max_body_bytes: int = 1_048_576 # larger request bodies get a 413
     ort_threads: int = 1 # onnxruntime intra-op threads (1 is fastest inside a worker)
@@ -77,7 +79,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/15_serve.ipynb #c96490d9
+# %% ../nbs/15_serve.ipynb #5e5031f3
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -142,7 +144,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #f17d6205
+# %% ../nbs/15_serve.ipynb #9e4c4ccc
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -164,7 +166,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #ff04359e
+# %% ../nbs/15_serve.ipynb #438d6c25
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -287,7 +289,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #bca64cad
+# %% ../nbs/15_serve.ipynb #8b3c055c
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -402,12 +404,10 @@ def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #fa94ca00
+# %% ../nbs/15_serve.ipynb #8dbf16ae
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
-    import onnxruntime as ort
-    from litserve.connector import check_cuda_with_nvidia_smi
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() and check_cuda_with_nvidia_smi() > 0 else "cpu"
 
 def _edge(settings: ServeSettings, api: "FraudAPI | None" = None) -> tuple:
