@@ -63,10 +63,13 @@ bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/
 bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, bf16 DDP training); CPU half without a GPU
 	python bench/gpu.py
 
+lock: $(STAMP) ## re-lock the serving images' dependencies (containers/*/requirements.lock) after changing a requirements.txt
+	python containers/lock.py
+
 lint: $(STAMP) ## nbdev checks
 	$(MAKE) check-nbs
 
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc
 
-.PHONY: help install params data pipeline serve system-deps test check-nbs test-slow bench bench-gpu lint clean
+.PHONY: help install params data pipeline serve system-deps test check-nbs test-slow bench bench-gpu lock lint clean

@@ -177,7 +177,8 @@ def test_serve_image_contract(image):
     # Writable paths are /tmp only (read-only root filesystem).
     env = env_of(stage)
     assert env["TMPDIR"] == "/tmp" and env["HOME"] == "/tmp" and env["MLPAY_STATE_DIR"].startswith("/tmp/")
-    assert any(kw == "COPY" and a.startswith(f"containers/{image}/requirements.txt ") for kw, a in stage)
+    assert any(kw == "COPY" and a.startswith(f"containers/{image}/requirements.lock ") for kw, a in stage)
+    assert any(kw == "RUN" and "--require-hashes --no-deps -r /tmp/requirements.lock" in a for kw, a in stage)
 
 
 def test_serve_images_are_alike():
@@ -187,6 +188,28 @@ def test_serve_images_are_alike():
     assert last(serve, "HEALTHCHECK").split(" CMD ")[1] == last(gpu, "HEALTHCHECK").split(" CMD ")[1]
     assert {k: v for k, v in env_of(serve).items() if k != "PATH"} == \
         {k: v for k, v in env_of(gpu).items() if k not in ("PATH", "DEBIAN_FRONTEND")}
+
+
+def locked(image):
+    "{name: (version, sha256)} of containers/IMAGE/requirements.lock, every line checked for its form."
+    out = {}
+    for line in (CONTAINERS / image / "requirements.lock").read_text().splitlines():
+        if not line or line.startswith("#"): continue
+        m = re.fullmatch(r"([a-z0-9-]+)==(\S+) --hash=sha256:([0-9a-f]{64})", line)
+        assert m, f"{image}/requirements.lock: not `name==version --hash=sha256:...`: {line}"
+        out[m[1]] = (m[2], m[3])
+    return out
+
+
+@pytest.mark.parametrize("image", SERVE_IMAGES)
+def test_lock_holds_the_requirements_and_what_the_tests_ran(image):
+    lock = locked(image)
+    for name, version in pins((CONTAINERS / image / "requirements.txt").read_text().splitlines()).items():
+        assert lock.get(canonicalize_name(name), (None,))[0] == version, f"{image}: requirements.txt pins {name}=={version}; run `make lock`"
+    missing = closure(pins((CONTAINERS / image / "requirements.txt").read_text().splitlines())) - set(lock)
+    assert not missing, f"{image}/requirements.lock lacks {missing}: run `make lock`"
+    differ = {n: (v, md.version(n)) for n, (v, _) in lock.items() if _installed(n) and md.version(n) != v}
+    assert not differ, f"{image}/requirements.lock pins other versions than the tests ran (lock, venv): {differ}; run `make lock`"
 
 
 def test_serving_requirements_are_pinned_as_in_settings():
@@ -243,11 +266,11 @@ def closure(names):
 
 
 def serve_site_packages(tmp_path):
-    "A site-packages of the serve image: the venv's installed distributions that requirements.txt brings, linked."
-    serve = pins((CONTAINERS / "serve/requirements.txt").read_text().splitlines())
+    "A site-packages of the serve image: the venv's installed distributions that requirements.lock holds, linked."
+    serve = locked("serve")
     missing = [n for n in serve if not _installed(n)]
-    assert not missing, f"serving requirements not installed in the venv: {missing}"
-    allowed = closure(serve) | {"mlpay"}
+    assert not missing, f"serving distributions not installed in the venv: {missing}"
+    allowed = set(serve) | {"mlpay"}
     site = tmp_path / "site-packages"
     site.mkdir()
     for dist in md.distributions():
