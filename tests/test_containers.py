@@ -202,14 +202,14 @@ def locked(image):
 
 
 @pytest.mark.parametrize("image", SERVE_IMAGES)
-def test_lock_holds_the_requirements_and_what_the_tests_ran(image):
+def test_lock_holds_the_requirements(image):
+    # The pinned requirements at their versions, and every distribution they need. (Transitive versions are the
+    # venv's when `make lock` runs; a later fresh venv may resolve newer ones, so they are not compared here.)
     lock = locked(image)
     for name, version in pins((CONTAINERS / image / "requirements.txt").read_text().splitlines()).items():
         assert lock.get(canonicalize_name(name), (None,))[0] == version, f"{image}: requirements.txt pins {name}=={version}; run `make lock`"
     missing = closure(pins((CONTAINERS / image / "requirements.txt").read_text().splitlines())) - set(lock)
     assert not missing, f"{image}/requirements.lock lacks {missing}: run `make lock`"
-    differ = {n: (v, md.version(n)) for n, (v, _) in lock.items() if _installed(n) and md.version(n) != v}
-    assert not differ, f"{image}/requirements.lock pins other versions than the tests ran (lock, venv): {differ}; run `make lock`"
 
 
 def test_serving_requirements_are_pinned_as_in_settings():
