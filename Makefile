@@ -58,6 +58,7 @@ test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-
 bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/)
 	python bench/simulate.py
 	python bench/features.py
+	python bench/online.py
 	python bench/serve.py
 
 bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, bf16 DDP training); CPU half without a GPU

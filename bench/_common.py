@@ -2,6 +2,8 @@
 import json
 import os
 import platform
+import shutil
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,3 +35,17 @@ def save(name, payload):
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "machine": platform.machine(), "python": platform.python_version()}
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **payload}, indent=2) + "\n")
+
+
+def start_redis(port):
+    "A throw-away redis-server on `port` (no persistence), ready, and its URL; None where redis-server is not installed."
+    if not shutil.which("redis-server"): return None
+    import redis
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try: client.ping(); break
+        except redis.ConnectionError: time.sleep(0.05)
+    else: proc.kill(); raise RuntimeError(f"redis-server on port {port} did not answer")
+    return proc, f"redis://127.0.0.1:{port}/0"

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import print_table, save
+from _common import print_table, save, start_redis
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -82,14 +81,6 @@ def run_all(runs, duration, env_feat, results, rows):
         rows.append([name, f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", int(r["errors"] + r["non2xx"])])
 
 
-def start_redis(port=8106):
-    "A throwaway redis-server (no persistence) and its URL, or None where redis-server is not installed."
-    if not shutil.which("redis-server"): return None
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def feature_body(model_dir):
     "A JSON row of model inputs for the client-supplied-features servers."
     from mlpay.export import onnx_session
@@ -130,7 +121,7 @@ def main():
     for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
                         ("mlpay, full path, scoring in the HTTP process (default)", {})):
         runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env, **extra}, {"MLPAY_KEY": KEY}))
-    redis = start_redis()
+    redis = start_redis(8106)
     if redis:
         runs.append(("mlpay, full path, 2 HTTP processes scoring, state in Redis", [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8105"], 8105,
                      "predict.lua", {"MLPAY_API_KEY": KEY, "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))

@@ -1,7 +1,10 @@
-"""Shared fixtures: the repository root and a tiny composed configuration."""
+"""Shared fixtures: the repository root, a tiny composed configuration, a real Redis server."""
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,42 @@ def tiny_data(tiny_params, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "transactions.parquet"
     run("mlpay-simulate", "--params", tiny_params, "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    "A throw-away redis-server on a free loopback port, no persistence, killed at teardown; its URL."
+    exe = shutil.which("redis-server")
+    if exe is None: pytest.skip("redis-server is not installed (make system-deps installs it); the Redis paths are untested")
+    import redis
+    d = tmp_path_factory.mktemp("redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(d / "redis.log", "w")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
+                             "--appendonly", "no", "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None: raise RuntimeError(f"redis-server exited: {(d / 'redis.log').read_text()}")
+            time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    "The Redis server's URL, with an empty database for each test."
+    import redis
+    redis.Redis.from_url(redis_server).flushdb()
+    return redis_server

@@ -1,7 +1,5 @@
 """The online feature state on a real Redis: equal to the batch features, atomic and idempotent across workers."""
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from datetime import date, datetime, timedelta
@@ -20,45 +18,6 @@ from mlpay.simulate import simulate
 D = date(2018, 8, 1)
 DAY = pl.col("TX_DATETIME").dt.date()
 SPEC = FeatureSpec.from_cfg(compose(conf_dir=ROOT / "conf").features)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    "A throw-away redis-server on a free loopback port, no persistence, killed at teardown."
-    exe = shutil.which("redis-server")
-    if exe is None: pytest.skip("redis-server binary not found (apt-get install redis-server); the Redis store is untested")
-    d = tmp_path_factory.mktemp("redis")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(d / "redis.log", "w")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
-                             "--appendonly", "no", "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT)
-    import redis
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if proc.poll() is not None: raise RuntimeError(f"redis-server exited: {(d / 'redis.log').read_text()}")
-            time.sleep(0.05)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
-        log.close()
-
-
-@pytest.fixture
-def url(redis_url):
-    "The Redis URL, with an empty database for each test."
-    import redis
-    redis.Redis.from_url(redis_url).flushdb()
-    return redis_url
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +51,9 @@ def req(id, when, card=1, terminal=7, amount=10.0):
     return dict(transaction_id=id, tx_datetime=datetime.fromisoformat(when), customer_id=card, terminal_id=terminal, tx_amount=amount)
 
 
-def test_replay_through_two_workers_equals_batch(url, tiny):
+def test_replay_through_two_workers_equals_batch(redis_url, tiny):
     tx = tiny[0]
-    workers = [OnlineFeatures(SPEC, 8, RedisStore(url)) for _ in range(2)]  # two processes' worth of clients, one state
+    workers = [OnlineFeatures(SPEC, 8, RedisStore(redis_url)) for _ in range(2)]  # two processes' worth of clients, one state
     t0 = time.perf_counter()
     workers[0].warm(tx.filter(DAY < D))
     warm_s = time.perf_counter() - t0
@@ -108,8 +67,8 @@ def test_replay_through_two_workers_equals_batch(url, tiny):
     assert (want_f[late, SPEC.names.index("TERMINAL_ID_NB_FRAUD_1DAY_WINDOW")] > 0).any()  # labels that came by feedback
 
 
-def test_retries_are_counted_once_even_concurrently(url):
-    workers = [OnlineFeatures(SPEC, 4, RedisStore(url)) for _ in range(4)]
+def test_retries_are_counted_once_even_concurrently(redis_url):
+    workers = [OnlineFeatures(SPEC, 4, RedisStore(redis_url)) for _ in range(4)]
     first = workers[0].score(req(1, "2018-04-01 10:00:00"))
     results = []
     def retry(w): results.append(w.score(req(2, "2018-04-01 11:00:00", amount=30.0)))
@@ -125,8 +84,8 @@ def test_retries_are_counted_once_even_concurrently(url):
     with pytest.raises(ValueError, match="different contents"): workers[3].score(req(2, "2018-04-01 11:00:00", amount=31.0))
 
 
-def test_feedback_follows_the_label_delay(url):
-    o = OnlineFeatures(SPEC, 0, RedisStore(url))
+def test_feedback_follows_the_label_delay(redis_url):
+    o = OnlineFeatures(SPEC, 0, RedisStore(redis_url))
     o.score(req(1, "2018-04-01 10:00:00", card=1))
     assert o.feedback(1, True) is True
     assert o.feedback(99, True) is False
@@ -141,8 +100,8 @@ def test_feedback_follows_the_label_delay(url):
     assert terminal("2018-04-09 11:00:00", 6) == (0, 0, 0)
 
 
-def test_eviction_bounds_every_key(url):
-    o = OnlineFeatures(SPEC, 2, RedisStore(url), max_lateness_s=3600)
+def test_eviction_bounds_every_key(redis_url):
+    o = OnlineFeatures(SPEC, 2, RedisStore(redis_url), max_lateness_s=3600)
     r = o.store.redis
     for i in range(5): o.score(req(i, f"2018-04-0{i + 1} 10:00:00", card=1, terminal=7))
     o.feedback(0, True)
@@ -155,17 +114,17 @@ def test_eviction_bounds_every_key(url):
     assert 0 < r.ttl("mlpay:term:7") <= 38 * 86400 and 0 < r.ttl("mlpay:tx:0") <= 38 * 86400
     assert r.ttl("mlpay:card:1") == -1  # history kept (card_idle_days=None), as the batch features do
     with pytest.raises(LateTransaction, match="max_lateness_s"): o.score(req(12, "2018-05-20 08:00:00"))
-    o2 = OnlineFeatures(SPEC, 0, RedisStore(url, prefix="nohist"))
+    o2 = OnlineFeatures(SPEC, 0, RedisStore(redis_url, prefix="nohist"))
     o2.score(req(1, "2018-04-01 10:00:00"))
     assert 0 < o2.store.redis.ttl("nohist:card:1") <= 31 * 86400  # without history a card lives only as long as its windows
 
 
-def test_warm_then_replay_agrees_with_warm(url, tiny):
+def test_warm_then_replay_agrees_with_warm(redis_url, tiny):
     tx = tiny[0]
-    a = OnlineFeatures(SPEC, 8, RedisStore(url, prefix="a"))
+    a = OnlineFeatures(SPEC, 8, RedisStore(redis_url, prefix="a"))
     a.warm(tx.filter(DAY < D))
     replay([a], requests(tx.filter(DAY == D)))
-    b = OnlineFeatures(SPEC, 8, RedisStore(url, prefix="b"))
+    b = OnlineFeatures(SPEC, 8, RedisStore(redis_url, prefix="b"))
     b.warm(tx.filter(DAY <= D))
     last = requests(tx.filter(DAY == D))[-50:]  # retries of warmed transactions get their batch features
     got_f, got_s = replay([b], last, feedback=False)
@@ -179,35 +138,20 @@ def test_warm_then_replay_agrees_with_warm(url, tiny):
     assert np.array_equal(replay([b], nxt[:100], feedback=False)[0], fb[:100])
 
 
-def test_warm_is_bulk(url, tiny):
+def test_warm_loads_every_transaction(redis_url, tiny):
+    # (how fast warming and scoring are on Redis: bench/online.py)
     tx = tiny[0]
     long = FeatureSpec(card_windows_days=(1, 7, 365), terminal_windows_days=(1, 7, 365))  # keeps all ~100k rows
-    o = OnlineFeatures(long, 8, RedisStore(url))
-    t0 = time.perf_counter()
-    n = o.warm(tx)
-    took = time.perf_counter() - t0
-    print(f"\nRedis warm: {n:,} transactions in {took:.2f} s")
-    assert n == len(tx) and took < 10
+    o = OnlineFeatures(long, 8, RedisStore(redis_url))
+    assert o.warm(tx) == len(tx)
     assert o.store.redis.zcard(f"mlpay:card:{tx['CUSTOMER_ID'][0]}") == tx.filter(pl.col("CUSTOMER_ID") == tx["CUSTOMER_ID"][0]).height
 
 
-def test_latency(url, tiny):
-    tx = tiny[0]
-    o = OnlineFeatures(SPEC, 8, RedisStore(url))
-    o.warm(tx.filter(DAY < D))
-    lat = []
-    for r in requests(tx.filter((DAY >= D) & (DAY < D + timedelta(days=6)))):
-        t0 = time.perf_counter_ns(); o.score(r); lat.append(time.perf_counter_ns() - t0)
-    lat = np.array(lat) / 1e3
-    print(f"\nRedisStore score: median {np.median(lat):.0f} µs, p99 {np.percentile(lat, 99):.0f} µs over {len(lat):,} calls")
-    assert np.median(lat) < 5000
-
-
-def test_bad_input_and_misconfiguration(url):
-    o = OnlineFeatures(SPEC, 8, RedisStore(url))
+def test_bad_input_and_misconfiguration(redis_url):
+    o = OnlineFeatures(SPEC, 8, RedisStore(redis_url))
     with pytest.raises(KeyError, match="customer_id"): o.score({k: v for k, v in req(1, "2018-04-01 10:00:00").items() if k != "customer_id"})
     with pytest.raises(ValueError, match="tx_amount"): o.score(req(1, "2018-04-01 10:00:00", amount="ten"))
-    with pytest.raises(ValueError, match="another retention"): OnlineFeatures(FeatureSpec(label_delay_days=3), 8, RedisStore(url))
+    with pytest.raises(ValueError, match="another retention"): OnlineFeatures(FeatureSpec(label_delay_days=3), 8, RedisStore(redis_url))
     with pytest.raises(TypeError, match="RDB/AOF"): o.snapshot("/tmp/never-written.npz")
     with pytest.raises(ValueError, match="TX_FRAUD"): o.warm(pl.DataFrame({"TRANSACTION_ID": [1]}))
     with socket.socket() as s:

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -89,19 +88,6 @@ def test_in_process_state_survives_a_restart(package, tmp_path):
         assert status == 409, body
         assert post(s.port, "/predict", TX)[0] == 200  # while a plain retry is scored again
     finally: s.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if not shutil.which("redis-server"): pytest.skip("redis-server is not installed (make system-deps installs it)")
-    port, d = free_port(), tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        try: socket.create_connection(("127.0.0.1", port), timeout=0.2).close(); break
-        except OSError: time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate(); proc.wait(10)
 
 
 @pytest.mark.parametrize("processes, first_id", [({"MLPAY_WORKERS": 2}, 30_000_000), ({"MLPAY_API_SERVERS": 2}, 31_000_000)],
