@@ -15,6 +15,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from mlpay.config import atomic_path
+
 HERE = Path(__file__).parent
 IMAGES = ("serve", "serve-gpu")
 
@@ -40,8 +42,7 @@ def main():
             text = (f"# Every distribution of the {image} image, pinned with its hash (Linux x86_64, CPython 3.11, glibc 2.36).\n"
                     f"# Written by `make lock` (containers/lock.py) from requirements.txt; do not edit.\n"
                     + "".join(f"{n}=={v} --hash=sha256:{h}\n" for n, v, h in rows))
-            tmp = lock.with_suffix(".lock.tmp")
-            tmp.write_text(text); tmp.replace(lock)
+            with atomic_path(lock) as tmp: tmp.write_text(text)
             print(f"{lock.relative_to(HERE.parent)}: {len(rows)} distributions")
 
 
