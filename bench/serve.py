@@ -124,7 +124,7 @@ def main():
     redis = start_redis(8106)
     if redis:
         runs.append(("mlpay, full path, 2 HTTP processes scoring, state in Redis", [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8105"], 8105,
-                     "predict.lua", {"MLPAY_API_KEY": KEY, "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))
+                     "predict.lua", {**mlpay_env, "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))
     try: run_all(runs, a.duration, env_feat, results, rows)
     finally:
         if redis: redis[0].terminate()

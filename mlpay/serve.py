@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'REQUESTS',
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'features_of', 'FraudAPI',
            'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/15_serve.ipynb #a4763ce4
+# %% ../nbs/15_serve.ipynb #b7425ca0
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
@@ -42,7 +42,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #8b7ce9d7
+# %% ../nbs/15_serve.ipynb #4961dcdd
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -50,7 +50,7 @@ class ServeSettings(BaseSettings):
     api_key_file: Path | None = None # a file holding the API key (a mounted Kubernetes Secret)
     redis_url: str | None = None # online state in Redis (several workers or replicas); in-process when unset
     state_dir: Path | None = None # where the in-process state is snapshotted (restored at start)
-    warm_from: Path | None = None # transactions (Parquet) to warm the online state from when no snapshot exists
+    warm_from: Path | None = None # transactions (Parquet) to warm the online state from when it starts empty (no snapshot, empty Redis)
     snapshot_every_s: float = 60.0 # in-process state snapshot period
     max_lateness_s: float = Field(86_400, gt=0) # a transaction further behind the newest one recorded gets a 422
     card_idle_days: float | None = Field(None, gt=0) # forget a card idle this long (None: keep its last transactions, as training does)
@@ -79,7 +79,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/15_serve.ipynb #dece5053
+# %% ../nbs/15_serve.ipynb #d949b7e5
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -144,7 +144,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #51735f14
+# %% ../nbs/15_serve.ipynb #0897995c
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -166,7 +166,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #d38e8d11
+# %% ../nbs/15_serve.ipynb #6aa6683f
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -213,18 +213,19 @@ class FraudAPI(ls.LitAPI):
             with self.lock: self.online.snapshot(self.snapshot_path)
 
     def _open_state(self) -> OnlineFeatures:
-        "Redis when configured; else the in-process state, restored from its snapshot or warmed from data."
+        "Redis when configured, else in-process (restored from its snapshot); warmed from data when it starts empty."
         s = self.settings
         retention = {"max_lateness_s": s.max_lateness_s, "card_idle_days": s.card_idle_days}
-        if s.redis_url: return OnlineFeatures(self.spec, self.n_history, RedisStore(s.redis_url), **retention)
         if s.state_dir: s.state_dir.mkdir(parents=True, exist_ok=True)
-        snap = self.snapshot_path = s.state_dir / "online-state.npz" if s.state_dir else None
-        if snap and snap.exists(): online = OnlineFeatures.restore(snap, self.spec, self.n_history, **retention)
-        else:
-            online = OnlineFeatures(self.spec, self.n_history, MemoryStore(), **retention)
-            if s.warm_from:
-                import polars as pl
-                online.warm(pl.read_parquet(s.warm_from))
+        snap = self.snapshot_path = s.state_dir / "online-state.npz" if s.state_dir and not s.redis_url else None
+        if s.redis_url:  # the first process on an empty Redis warms it (one racing it loads the same rows: idempotent)
+            online = OnlineFeatures(self.spec, self.n_history, RedisStore(s.redis_url), **retention)
+            empty = online.store.empty()
+        elif snap and snap.exists(): online, empty = OnlineFeatures.restore(snap, self.spec, self.n_history, **retention), False
+        else: online, empty = OnlineFeatures(self.spec, self.n_history, MemoryStore(), **retention), True
+        if s.warm_from and empty:
+            import polars as pl
+            online.warm(pl.read_parquet(s.warm_from))
         if snap:
             threading.Thread(target=self._snapshots, args=(online, snap), daemon=True).start()
             if s.workers:  # a LitServe worker has no shutdown hook: SIGTERM (from LitServe or Kubernetes) snapshots
@@ -289,7 +290,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #eff35707
+# %% ../nbs/15_serve.ipynb #48bc0605
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -404,7 +405,7 @@ def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #3b2182ee
+# %% ../nbs/15_serve.ipynb #dc4ab7f0
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch

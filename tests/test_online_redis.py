@@ -143,7 +143,8 @@ def test_warm_loads_every_transaction(redis_url, tiny):
     tx = tiny[0]
     long = FeatureSpec(card_windows_days=(1, 7, 365), terminal_windows_days=(1, 7, 365))  # keeps all ~100k rows
     o = OnlineFeatures(long, 8, RedisStore(redis_url))
-    assert o.warm(tx) == len(tx)
+    assert o.store.empty()
+    assert o.warm(tx) == len(tx) and not o.store.empty()
     assert o.store.redis.zcard(f"mlpay:card:{tx['CUSTOMER_ID'][0]}") == tx.filter(pl.col("CUSTOMER_ID") == tx["CUSTOMER_ID"][0]).height
 
 

@@ -93,8 +93,13 @@ def test_in_process_state_survives_a_restart(package, tmp_path):
 @pytest.mark.parametrize("processes, first_id", [({"MLPAY_WORKERS": 2}, 30_000_000), ({"MLPAY_API_SERVERS": 2}, 31_000_000)],
                          ids=["two LitServe workers", "two HTTP processes scoring"])
 def test_two_processes_share_state_through_redis(package, redis_url, processes, first_id):
-    s = Server(package / "model", MLPAY_REDIS_URL=redis_url, **processes)
+    s = Server(package / "model", MLPAY_REDIS_URL=redis_url, MLPAY_WARM_FROM=package / "history.parquet", **processes)
     try:
+        # the empty Redis was warmed at start: the history's last transaction is known, so other contents conflict
+        last = pl.read_parquet(package / "history.parquet").sort("TX_DATETIME", "TRANSACTION_ID").row(-1, named=True)
+        known = {k.lower(): last[k] for k in ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID")} | {
+            "tx_datetime": last["TX_DATETIME"].isoformat(), "tx_amount": last["TX_AMOUNT"] + 1.0}
+        assert post(s.port, "/predict", known)[0] == 409
         statuses = [post(s.port, "/predict", {**TX, "transaction_id": first_id + i})[0] for i in range(20)]
         assert statuses == [200] * 20
         # whichever process answers, the shared state knows every id: other contents under a known id conflict
