@@ -1,7 +1,8 @@
 -- wrk script: a fresh authorization per request (new transaction id, random card, terminal and amount).
--- Set by bench/serve.py: MLPAY_KEY, and optionally MLPAY_BATCH (transactions per request).
+-- Set by bench/serve.py: MLPAY_KEY, MLPAY_ID_BASE (first transaction id), and optionally MLPAY_BATCH (transactions per request).
 local key = os.getenv("MLPAY_KEY")
 local batch = tonumber(os.getenv("MLPAY_BATCH") or "1")
+local id_base = tonumber(os.getenv("MLPAY_ID_BASE") or "100000000")  -- a fresh range per wrk run: no request repeats an earlier one
 local counter = 0
 local thread_id = 0
 local threads = {}
@@ -13,7 +14,7 @@ end
 
 local function tx()
   counter = counter + 1
-  local id = 100000000 + thread_id * 10000000 + counter
+  local id = id_base + thread_id * 10000000 + counter
   local seconds = counter % 86400
   return string.format(
     '{"transaction_id":%d,"tx_datetime":"2018-10-01T%02d:%02d:%02d","customer_id":%d,"terminal_id":%d,"tx_amount":%.2f}',

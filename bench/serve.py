@@ -40,8 +40,12 @@ def wait_healthy(port, proc, seconds=120):
     raise RuntimeError(f"server on port {port} not healthy after {seconds} s")
 
 
+RUNS = iter(range(1, 1000))
+
+
 def wrk(port, script, duration, connections=16, env=None):
-    "Run wrk; return its RESULT line as a dict."
+    "Run wrk; return its RESULT line as a dict. Each run sends transaction ids of its own (no retries of earlier runs)."
+    env = {**(env or {}), "MLPAY_ID_BASE": str(next(RUNS) * 10**9)}  # < 10^12: ids never look like card numbers
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / script),
                           f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True, env={**os.environ, **(env or {})})
     m = re.search(r"RESULT (.*)", out.stdout)
@@ -116,20 +120,20 @@ def main():
         ("bare FastAPI + onnxruntime (client features)", [sys.executable, str(HERE / "bare_server.py"), str(a.model), "8101"], 8101, "features.lua", {}, {}),
         ("LitServe defaults (client features)", [sys.executable, str(HERE / "litserve_default.py"), str(a.model), "8102"], 8102, "features.lua", {}, {}),
     ]
-    state = tempfile.mkdtemp()
-    mlpay_env = {"MLPAY_API_KEY": KEY, "MLPAY_STATE_DIR": state, "MLPAY_WARM_FROM": a.warm if Path(a.warm).exists() else ""}
+    def mlpay_env():  # each server starts from the same warm state, not from another run's snapshot
+        return {"MLPAY_API_KEY": KEY, "MLPAY_STATE_DIR": tempfile.mkdtemp(), "MLPAY_WARM_FROM": a.warm if Path(a.warm).exists() else ""}
     for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
                         ("mlpay, full path, scoring in the HTTP process (default)", {})):
-        runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env, **extra}, {"MLPAY_KEY": KEY}))
+        runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env(), **extra}, {"MLPAY_KEY": KEY}))
     redis = start_redis(8106)
     if redis:
         runs.append(("mlpay, full path, 2 HTTP processes scoring, state in Redis", [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8105"], 8105,
-                     "predict.lua", {**mlpay_env, "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))
+                     "predict.lua", {**mlpay_env(), "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))
     try: run_all(runs, a.duration, env_feat, results, rows)
     finally:
         if redis: redis[0].terminate()
 
-    proc = serve([str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8104"], 8104, mlpay_env)
+    proc = serve([str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8104"], 8104, mlpay_env())
     try: r = wrk(8104, "predict.lua", a.duration, connections=4, env={"MLPAY_KEY": KEY, "MLPAY_BATCH": "256"})
     finally: stop(proc)
     results["batch 256"] = {**r, "transactions_per_s": r["requests_per_s"] * 256}
