@@ -7,10 +7,11 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'REASONS', 'PROTECTED', 'REQUESTS',
            'PredictRequest', 'Label', 'FeedbackRequest', 'reason_codes', 'Decoded', 'features_of', 'FraudAPI',
            'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/15_serve.ipynb #b7425ca0
+# %% ../nbs/15_serve.ipynb #1d5ed8a8
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
+import gc
 import hmac
 import json
 import os
@@ -42,7 +43,7 @@ from .features import FeatureSpec
 from .online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
 from .transactions import luhn_valid
 
-# %% ../nbs/15_serve.ipynb #4961dcdd
+# %% ../nbs/15_serve.ipynb #bbecdc5a
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -79,7 +80,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/15_serve.ipynb #d949b7e5
+# %% ../nbs/15_serve.ipynb #87ec148f
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -144,7 +145,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/15_serve.ipynb #0897995c
+# %% ../nbs/15_serve.ipynb #028142a2
 REASONS = [  # (code, text, feature, level)
     ("AMOUNT_ABOVE_USUAL", "amount far above the card's usual", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW", 3.0),
     ("LARGE_AMOUNT", "large amount", "TX_AMOUNT", 220.0),
@@ -166,7 +167,7 @@ def reason_codes(features: np.ndarray, # (rows, F) raw feature values
         out.append([{"code": c, "text": t} for _, c, t in fired])
     return out
 
-# %% ../nbs/15_serve.ipynb #6aa6683f
+# %% ../nbs/15_serve.ipynb #45cefb45
 @dataclass
 class Decoded:
     "One request on its way through the worker."
@@ -202,6 +203,9 @@ class FraudAPI(ls.LitAPI):
         self.calibrate, self.thresholds = pkg.calibrator(), m["thresholds"]
         self.lock, self.snapshot_path = threading.Lock(), None
         self.online = self._open_state()
+        # The warmed state lives as long as the process: keep it out of the collector's full passes, which otherwise
+        # stopped scoring for 80-110 ms every ~15 s under load (1-2 ms once frozen; bench/serve.py, gc callbacks).
+        gc.freeze()
 
     def score(self, request: "PredictRequest | FeedbackRequest") -> dict | Response:
         "The four hooks in this process (`MLPAY_WORKERS=0`): the response body, or an error response."
@@ -290,7 +294,7 @@ class FraudAPI(ls.LitAPI):
         meta = {"model_version": self.version, "latency_ms": round((time.perf_counter() - item.t0) * 1e3, 3)}
         return {**results[0], **meta} if item.single else {"results": results, **meta}
 
-# %% ../nbs/15_serve.ipynb #48bc0605
+# %% ../nbs/15_serve.ipynb #3c1f02b1
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -405,7 +409,7 @@ def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/15_serve.ipynb #dc4ab7f0
+# %% ../nbs/15_serve.ipynb #1d2e4f77
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
