@@ -15,7 +15,7 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from mlpay.config import atomic_path
+from mlpay.files import atomic_path
 
 HERE = Path(__file__).parent
 IMAGES = ("serve", "serve-gpu")
