@@ -56,9 +56,31 @@ def load_params(path: Path | str = "params.yaml", # the composed parameters
     cfg = OmegaConf.load(path)
     bad = [o for o in overrides if "=" not in o]
     if bad: raise ValueError(f"overrides must look like key=value, got {bad}")
+    _check_not_replacing_mappings(cfg, overrides)
     OmegaConf.set_struct(cfg, True)  # a misspelt key is an error, not a silently added setting
     try: return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except ConfigKeyError as e: raise ValueError(f"unknown setting in overrides {list(overrides)}: {e.msg}") from None
+
+def _leaf_example(node: DictConfig, key: str) -> str:
+    "A `key.sub.leaf` path inside the mapping `node` at `key`: its first value that is not a mapping."
+    for k, v in node.items():
+        if not OmegaConf.is_dict(v): return f"{key}.{k}"
+    for k, v in node.items():
+        if len(v): return _leaf_example(v, f"{key}.{k}")
+    return f"{key}.NAME"
+
+def _check_not_replacing_mappings(cfg: DictConfig, overrides: Sequence[str]):
+    "Refuse `key=value` where `key` names a mapping (a config group such as `model`, or a nested one) and `value` is not one."
+    for o in overrides:
+        key, _, value = o.partition("=")
+        node = OmegaConf.select(cfg, key.strip(), default=None)
+        if not OmegaConf.is_dict(node): continue
+        new = OmegaConf.select(OmegaConf.from_dotlist([o]), key.strip(), default=None)
+        if OmegaConf.is_dict(new): continue  # a mapping merges into the mapping
+        raise ValueError(
+            f"`{o}` would replace the whole `{key}` mapping ({', '.join(map(str, node))}) by {value!r}: with --params, "
+            f"set values inside it (e.g. `{_leaf_example(node, key)}=...`). Config group choices need conf/ composition: "
+            f"run the script without --params (e.g. `mlpay-train {o}`), or `dvc exp run -S {o}` for the pipeline")
 
 # %% ../nbs/00_config.ipynb #7b0a2995
 def stage_parser(description: str, # what the command does

@@ -25,7 +25,7 @@ def repo(tmp_path_factory):
     git = ["git", "-c", "user.name=ci", "-c", "user.email=ci@mlpay.invalid"]
     run(*git, "init", "-q", cwd=dst)
     run("mlpay-params", "data=tiny", *SMALL_GRIDS, cwd=dst)
-    run("mlpay-simulate", cwd=dst)
+    run("mlpay-simulate", "--params", "params.yaml", cwd=dst)  # the tiny data: without --params it composes conf/ (handbook size)
     run("dvc", "add", "--quiet", "data", cwd=dst)
     for cmd in (["add", "-A"], ["commit", "-qm", "tiny"]): run(*git, *cmd, cwd=dst)
     return dst
@@ -45,6 +45,20 @@ def test_pipeline_is_up_to_date_afterwards(repo):
     assert "up to date" in status, status
     again = run("dvc", "repro", cwd=repo).stdout
     assert "Running stage" not in again, again
+
+
+def test_evaluation_plots_render(repo):
+    "dvc.yaml's plot entries for mlpay-evaluate's CSVs load, with the x and y columns they name."
+    shown = json.loads(run("dvc", "plots", "show", "--json", cwd=repo).stdout)
+    ours = {"roc", "precision_recall", "reliability", "score_distribution"}
+    errors = [e for e in shown.get("errors", []) if e.get("name") in ours or "reports/evaluate" in str(e.get("source"))]
+    assert not errors, errors
+    for name in ours:
+        (plot,) = shown["data"][name]
+        enc, values = plot["content"]["encoding"], plot["content"]["data"]["values"]
+        assert values, name
+        for axis in ("x", "y"):
+            assert all(enc[axis]["field"] in v for v in values), (name, axis, enc[axis], values[0])
 
 
 def test_changed_param_reruns_only_what_depends_on_it(repo):
