@@ -6,8 +6,9 @@ Run on a GPU machine (one H200: about 2-3 minutes, well under 8):
     python bench/gpu.py --cpu --quick        # the CPU half, as tests/test_bench_gpu.py runs it
 
 It needs no network and imports only the standard library, numpy, torch, lightning, torchmetrics, onnx, onnxruntime
-and `mlpay.models` (taken from this checkout when the mlpay wheel is not installed). The few lines of
-`mlpay.export` / `mlpay.package` it needs are repeated here, because those modules import polars.
+and mlpay's modules that need nothing more (taken from this checkout when the mlpay wheel is not installed): the
+score and its ONNX graph are `mlpay.models`' (as the exporter writes them), the sessions `mlpay.package`'s (as the
+server opens them), the float16 graph `mlpay.variants`'.
 Inputs are synthetic (23 engineered features; a history of 8 steps x 3 values whose last value flags a real step);
 the networks are freshly initialised, with their preprocessing fitted on the synthetic rows.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import io
 import json
 import logging
 import os
@@ -35,15 +35,16 @@ import onnxruntime as ort
 import torchmetrics
 
 try:
-    from mlpay.models import MLP, FraudModule, SequenceNet
+    import mlpay  # noqa: F401
 except ImportError:  # not installed: use the checkout this script lives in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mlpay.models import MLP, FraudModule, SequenceNet
+from mlpay.models import MLP, FraudModule, Scorer, SequenceNet, onnx_graph
+from mlpay.package import onnx_session
 from mlpay.variants import float32_nodes, named, to_fp16 as variants_fp16
 
 N_FEATURES, N_STEPS, STEP_VALUES = 23, 8, 3
 LOG_COLUMNS = 12  # the first 12 synthetic features are non-negative and heavy-tailed: log1p, as conf/model's log1p patterns
-OPSET = 20
+OPSET = 20  # conf/export/default.yaml's opset (this script reads no Hydra config)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # Only the launching process prints and writes; Lightning's DDP launcher re-runs this script with LOCAL_RANK >= 1.
 CHILD = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
@@ -101,35 +102,16 @@ def inputs_of(kind: str, data: dict[str, np.ndarray], rows: int | slice) -> dict
     return {k: np.ascontiguousarray(data[k][sl]) for k in names}
 
 
-class Scorer(torch.nn.Module):
-    "A network's fraud score: the sigmoid of its logit (as mlpay.export.Scorer)."
-    def __init__(self, net): super().__init__(); self.net = net
-    def forward(self, features, history=None):
-        return torch.sigmoid(self.net(features) if history is None else self.net(features, history))
-
-
 # ---------------------------------------------------------------- ONNX: export, sessions, fp16 (mlpay.variants)
 def export_onnx(net: torch.nn.Module, example: dict[str, np.ndarray]) -> bytes:
-    "The score graph with a dynamic batch axis (TorchScript exporter: no onnxscript needed)."
-    names, buf = list(example), io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        torch.onnx.export(Scorer(net).eval(), tuple(torch.as_tensor(v[:4]) for v in example.values()), buf,
-                          input_names=names, output_names=["score"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={n: {0: "batch"} for n in [*names, "score"]})
-    return buf.getvalue()
+    "The score graph with a dynamic batch axis, as mlpay's exporter writes it (TorchScript exporter: no onnxscript needed)."
+    graph = onnx_graph(Scorer(net).eval(), tuple(torch.as_tensor(v[:4]) for v in example.values()), list(example), OPSET, dynamo=False)
+    return graph.SerializeToString()
 
 
 def session(model: bytes, provider: str, threads: int = 1) -> ort.InferenceSession:
-    "An onnxruntime session as mlpay.package.onnx_session makes it (ORT_ENABLE_ALL, `threads` intra-op threads)."
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    if provider == CPU: return ort.InferenceSession(model, sess_options=opts, providers=[CPU])
-    try:  # TF32 off: the server must score as the CPU does
-        return ort.InferenceSession(model, sess_options=opts, providers=[(CUDA, {"use_tf32": "0"}), CPU])
-    except Exception:  # noqa: BLE001 - an onnxruntime without that option
-        return ort.InferenceSession(model, sess_options=opts, providers=[CUDA, CPU])
+    "An onnxruntime session as the server opens it (mlpay.package.onnx_session: TF32 off on CUDA)."
+    return onnx_session(model, [provider] if provider == CPU else [CUDA, CPU], threads)
 
 
 def run_scores(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> np.ndarray:

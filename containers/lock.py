@@ -35,7 +35,7 @@ def resolve(requirements: Path, constraints: Path) -> list[tuple[str, str, str]]
 def main():
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
         frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True).stdout
-        constraints.write("\n".join(l for l in frozen.splitlines() if "==" in l) + "\n"); constraints.flush()
+        constraints.write("\n".join(line for line in frozen.splitlines() if "==" in line) + "\n"); constraints.flush()
         for image in IMAGES:
             lock = HERE / image / "requirements.lock"
             rows = resolve(HERE / image / "requirements.txt", Path(constraints.name))

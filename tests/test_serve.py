@@ -22,15 +22,17 @@ def package(tmp_path_factory):
     from mlpay.config import compose
     from mlpay.evaluation import main as evaluate
     from mlpay.export import write_package
-    from mlpay.features import FeatureSpec, compute_features
+    from mlpay.features import compute_features
+    from mlpay.registry import FeatureRegistry
     from mlpay.simulate import simulate
     from mlpay.train import train
     d = tmp_path_factory.mktemp("pkg")
     cfg = compose(["debug=fast", "model=mlp", "trainer.max_epochs=1", f"paths.train={d}/train"])
     tx = simulate(cfg.data, progress=False)
-    train(cfg, compute_features(tx, FeatureSpec.from_cfg(cfg.features)))
+    feats = compute_features(tx, FeatureRegistry.from_cfg(cfg))
+    train(cfg, feats)
     evaluate(["--predictions", f"{d}/train/predictions.parquet", "--out-dir", f"{d}/eval", "--package", f"{d}/train", "data=tiny"])
-    write_package(d / "train", d / "model", variants=())
+    write_package(d / "train", d / "model", feats, compose(["debug=fast", "export.variants=[]", "reasons.faithfulness.min_rate=0"]))
     tx.filter(pl.col("TX_TIME_DAYS") < 150).write_parquet(d / "history.parquet")
     return d
 
