@@ -40,7 +40,7 @@ serve: $(STAMP) ## serve artifacts/model/ on 127.0.0.1:8000 (needs MLPAY_API_KEY
 	MLPAY_STATE_DIR=$${MLPAY_STATE_DIR:-artifacts/serve-state} MLPAY_WARM_FROM=$${MLPAY_WARM_FROM:-data/transactions.parquet} \
 	  mlpay-serve --model artifacts/model --port $${PORT:-8000}
 
-test: $(STAMP) system-deps check-nbs ## run every test: the notebooks (nbdev_test) and tests/ (pytest)
+test: $(STAMP) system-deps check-nbs check-readme check-ruff check-docs ## run every test: the checks, the notebooks (nbdev_test) and tests/ (pytest)
 	nbdev_test --n_workers 2
 	pytest tests
 
@@ -50,6 +50,26 @@ check-nbs: $(STAMP) ## fail when notebooks are not clean or mlpay/ is out of syn
 	after=$$(find nbs mlpay -type f -not -path '*/__pycache__/*' | sort | xargs md5sum | md5sum); \
 	if [ "$$before" != "$$after" ]; then echo "notebooks were not clean or mlpay/ was out of sync: run nbdev_clean && nbdev_export and commit"; \
 	git status --short nbs mlpay; exit 1; fi
+
+check-readme: $(STAMP) ## fail when README.md is not what nbs/index.ipynb renders to (`make readme`)
+	python tools/nbdocs.py readme --check
+
+check-ruff: $(STAMP) ## ruff, configured in pyproject.toml: nbs/ (the source of mlpay/), tests/, bench/, containers/, tools/
+	ruff check
+
+check-docs: docs ## fail when the documentation site does not build (`make docs`)
+
+readme: $(STAMP) ## write README.md from nbs/index.ipynb: edit the notebook, then run this
+	python tools/nbdocs.py readme
+
+# nbdev_docs needs Quarto, which PyPI's quarto-cli downloads from GitHub when it installs: where no quarto is on PATH,
+# tools/nbdocs.py runs nbdev's doc processing (the step that fails on a notebook's content) and renders with nbconvert.
+docs: $(STAMP) ## the documentation site in _docs/, a page per notebook: nbdev_docs with Quarto if installed, else nbconvert
+	@if command -v quarto >/dev/null; then nbdev_docs && python tools/nbdocs.py readme; else python tools/nbdocs.py site; fi
+
+lab: $(STAMP) ## JupyterLab on nbs/ with the project's kernel, "mlpay (.venv)", on 127.0.0.1:$PORT (default 8888)
+	python -m ipykernel install --sys-prefix --name mlpay --display-name "mlpay (.venv)"
+	jupyter lab --ServerApp.root_dir=nbs --ServerApp.ip=127.0.0.1 --ServerApp.port=$${PORT:-8888} --no-browser $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-sized data, minutes)
 	nbdev_test --n_workers 2 --flags slow
@@ -67,10 +87,9 @@ bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, 
 lock: $(STAMP) ## re-lock the serving images' dependencies (containers/*/requirements.lock) after changing a requirements.txt
 	python containers/lock.py
 
-lint: $(STAMP) ## nbdev checks
-	$(MAKE) check-nbs
+lint: $(STAMP) check-ruff check-nbs check-readme ## ruff, then the nbdev checks (notebooks clean and exported, README.md current)
 
 clean: ## remove generated outputs (keeps .venv and data/)
-	rm -rf artifacts reports/*.png .pytest_cache _proc
+	rm -rf artifacts reports/*.png .pytest_cache _proc _docs
 
-.PHONY: help install params data pipeline serve system-deps test check-nbs test-slow bench bench-gpu lock lint clean
+.PHONY: help install params data pipeline serve system-deps test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock lint clean

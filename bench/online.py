@@ -15,8 +15,8 @@ import polars as pl
 
 from _common import print_table, save, start_redis
 from mlpay.config import compose
-from mlpay.features import FeatureSpec
 from mlpay.online import MemoryStore, OnlineFeatures, RedisStore
+from mlpay.registry import FeatureRegistry
 from mlpay.simulate import simulate
 
 D = date(2018, 8, 1)
@@ -26,14 +26,14 @@ day = pl.col("TX_DATETIME").dt.date()
 history, today = data.filter(day < D), data.filter(day == D).sort("TX_DATETIME", "TRANSACTION_ID")
 cols = ["TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT"]
 requests = today.select(*(pl.col(c).alias(c.lower()) for c in cols)).to_dicts()
-spec = FeatureSpec.from_cfg(compose().features)
+registry = FeatureRegistry.from_cfg(compose())
 
 rows, payload = [], {"history_rows": len(history), "scored": len(requests)}
 redis = start_redis(8107)
 stores = {"in-process (MemoryStore)": MemoryStore} | ({"Redis (RedisStore)": lambda: RedisStore(redis[1])} if redis else {})
 try:
     for name, store in stores.items():
-        o = OnlineFeatures(spec, 8, store())
+        o = OnlineFeatures(registry, 8, store(), max_lateness_s=86_400, card_idle_days=None)  # the server's defaults
         t0 = time.perf_counter(); kept = o.warm(history); warm_s = time.perf_counter() - t0
         lat = np.empty(len(requests))
         for i, r in enumerate(requests):

@@ -87,14 +87,14 @@ def run_all(runs, duration, env_feat, results, rows):
 
 def feature_body(model_dir):
     "A JSON row of model inputs for the client-supplied-features servers."
-    from mlpay.export import onnx_session
+    from mlpay.package import onnx_session
     s = onnx_session(model_dir / "model.onnx")
     return {i.name: np.random.default_rng(0).random([d if isinstance(d, int) else 1 for d in i.shape][1:]).round(4).tolist() for i in s.get_inputs()}
 
 
 def ort_rows_per_s(model_dir):
     "onnxruntime in-process: calls/s at batch 1 and rows/s at batch 1,024 (1 thread)."
-    from mlpay.export import onnx_session
+    from mlpay.package import onnx_session
     s = onnx_session(model_dir / "model.onnx", threads=1)
     out = {}
     for batch in (1, 1024):
@@ -110,6 +110,10 @@ def main():
     p.add_argument("--model", default="artifacts/model", type=Path)
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--warm", default="data/transactions.parquet")
+    p.add_argument("--baseline", type=Path, help="another mlpay checkout (e.g. `git worktree add /tmp/prev HEAD~1`) whose default server "
+                   "runs beside this one, on --baseline-model: a change measured against its predecessor in one run")
+    p.add_argument("--baseline-model", type=Path, help="the model package the baseline checkout exported (its own package format)")
+    p.add_argument("--only-default", action="store_true", help="measure the default server (and the baseline) only")
     a = p.parse_args()
     rows, results = [], {}
     body = Path(tempfile.mkdtemp()) / "body.json"
@@ -122,10 +126,16 @@ def main():
     ]
     def mlpay_env():  # each server starts from the same warm state, not from another run's snapshot
         return {"MLPAY_API_KEY": KEY, "MLPAY_STATE_DIR": tempfile.mkdtemp(), "MLPAY_WARM_FROM": a.warm if Path(a.warm).exists() else ""}
+    if a.only_default: runs = []
+    if a.baseline:  # the same server command, importing mlpay from the other checkout
+        cmd = [sys.executable, "-c", "from mlpay.serve import main; main()", "--model", str(a.baseline_model), "--port", "8107"]
+        runs.append((f"baseline {a.baseline.name}: mlpay, full path, default", cmd, 8107, "predict.lua",
+                     {**mlpay_env(), "PYTHONPATH": str(a.baseline.resolve())}, {"MLPAY_KEY": KEY}))
     for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
                         ("mlpay, full path, scoring in the HTTP process (default)", {})):
+        if a.only_default and extra: continue
         runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env(), **extra}, {"MLPAY_KEY": KEY}))
-    redis = start_redis(8106)
+    redis = start_redis(8106) if not a.only_default else None
     if redis:
         runs.append(("mlpay, full path, 2 HTTP processes scoring, state in Redis", [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8105"], 8105,
                      "predict.lua", {**mlpay_env(), "MLPAY_REDIS_URL": redis[1], "MLPAY_API_SERVERS": "2"}, {"MLPAY_KEY": KEY}))
@@ -133,6 +143,9 @@ def main():
     finally:
         if redis: redis[0].terminate()
 
+    if a.only_default:
+        print_table(f"Serving on {os.cpu_count()} cores, loopback, wrk 16 connections, {a.duration} s each", ["server", "req/s", "p50 ms", "p99 ms", "errors"], rows)
+        return save("serve-default", results)
     proc = serve([str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8104"], 8104, mlpay_env())
     try: r = wrk(8104, "predict.lua", a.duration, connections=4, env={"MLPAY_KEY": KEY, "MLPAY_BATCH": "256"})
     finally: stop(proc)

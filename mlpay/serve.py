@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import gc
 import hmac
-import json
 import os
 import re
 import signal
@@ -213,7 +212,7 @@ class FraudAPI(ls.LitAPI):
         return self.encode_response(self.predict([self.decode_request(request)])[0])
 
     def decode_request(self, request: PredictRequest) -> Item:  # LitServe validates /predict bodies with this annotation
-        if isinstance(request, FeedbackRequest): return Item(labels=[(l.transaction_id, l.fraud) for l in request.labels])
+        if isinstance(request, FeedbackRequest): return Item(labels=[(lb.transaction_id, lb.fraud) for lb in request.labels])
         return Item([tx.model_dump() for tx in request.transactions], single=request.single)
 
     def batch(self, items): return items

@@ -115,14 +115,14 @@ def predict(net: torch.nn.Module, # a trained network
 def silenced():
     "Lightning's info messages and warnings off for the duration."
     logs = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [l.level for l in logs]
-    for l in logs: l.setLevel(logging.ERROR)
+    levels = [lg.level for lg in logs]
+    for lg in logs: lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for l, lv in zip(logs, levels): l.setLevel(lv)
+        for lg, lv in zip(logs, levels): lg.setLevel(lv)
 
 # %% ../nbs/23_train.ipynb #bf32d171
 def split_by_time(feats: pl.DataFrame, # transactions
