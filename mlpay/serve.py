@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'PROTECTED', 'REQUESTS', 'ServeSett
            'PredictRequest', 'Label', 'FeedbackRequest', 'open_state', 'StateOwner', 'FraudAPI', 'EdgeMiddleware',
            'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/52_serve.ipynb #16864ebb
+# %% ../nbs/52_serve.ipynb #9635a200
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
@@ -21,7 +21,7 @@ import time
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import litserve as ls
@@ -40,7 +40,7 @@ from .package import load_package
 from .scorer import Item, Scorer, contract
 from .transactions import luhn_valid
 
-# %% ../nbs/52_serve.ipynb #a377a5ac
+# %% ../nbs/52_serve.ipynb #6b6199fa
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -60,6 +60,7 @@ class ServeSettings(BaseSettings):
     max_in_flight: int = 256 # beyond this many concurrent requests per HTTP process: 503 at once
     max_body_bytes: int = 1_048_576 # larger request bodies get a 413
     ort_threads: int = 1 # onnxruntime intra-op threads (1 is fastest inside a worker)
+    reasons: Literal["flagged", "all"] = "flagged" # reason codes for reviewed and declined transactions only, or for every one
 
     def key(self) -> str:
         "The API key; a server without one refuses to start."
@@ -77,7 +78,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/52_serve.ipynb #e81e078e
+# %% ../nbs/52_serve.ipynb #41840a69
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -142,7 +143,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/52_serve.ipynb #18d657bf
+# %% ../nbs/52_serve.ipynb #34e86795
 def open_state(settings: ServeSettings, # the server's settings
                registry, # the package's feature registry (`contract`)
                n_history: int, # the package's history steps
@@ -191,7 +192,7 @@ class StateOwner:
         if self.path:
             with self.scorer.lock: self.scorer.online.snapshot(self.path)
 
-# %% ../nbs/52_serve.ipynb #e9b3450f
+# %% ../nbs/52_serve.ipynb #84770cdb
 class FraudAPI(ls.LitAPI):
     "Fraud scoring: the scorer (`mlpay.scorer`) behind LitServe's four hooks."
     def __init__(self, model_dir: Path | str, settings: ServeSettings):
@@ -203,7 +204,7 @@ class FraudAPI(ls.LitAPI):
         online, snapshot = open_state(self.settings, *contract(pkg.manifest))
         cuda = str(device).startswith("cuda")
         self.scorer = Scorer(pkg, online, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"],
-                             self.settings.ort_threads)
+                             self.settings.ort_threads, self.settings.reasons)
         self.owner = StateOwner(self.scorer, snapshot, self.settings.snapshot_every_s)
         if self.settings.workers: self.owner.start(on_sigterm=True)  # in a LitServe worker, setup is the only hook there is
 
@@ -228,7 +229,7 @@ class FraudAPI(ls.LitAPI):
         for r in body.get("results", [body] if "decision" in body else []): _metrics()["decisions"].labels(r["decision"]).inc()
         return body
 
-# %% ../nbs/52_serve.ipynb #bd899f50
+# %% ../nbs/52_serve.ipynb #c4919f9c
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -343,7 +344,7 @@ def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/52_serve.ipynb #ac9f7ace
+# %% ../nbs/52_serve.ipynb #37594067
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
