@@ -128,12 +128,13 @@ def main():
         return {"MLPAY_API_KEY": KEY, "MLPAY_STATE_DIR": tempfile.mkdtemp(), "MLPAY_WARM_FROM": a.warm if Path(a.warm).exists() else ""}
     if a.only_default: runs = []
     if a.baseline:  # the same server command, importing mlpay from the other checkout
-        cmd = [sys.executable, "-c", "from mlpay.serve import main; main()", "--model", str(a.baseline_model), "--port", "8107"]
+        cmd = [sys.executable, "-P", "-c", "from mlpay.serve import main; main()", "--model", str(a.baseline_model), "--port", "8107"]
         runs.append((f"baseline {a.baseline.name}: mlpay, full path, default", cmd, 8107, "predict.lua",
                      {**mlpay_env(), "PYTHONPATH": str(a.baseline.resolve())}, {"MLPAY_KEY": KEY}))
     for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
-                        ("mlpay, full path, scoring in the HTTP process (default)", {})):
-        if a.only_default and extra: continue
+                        ("mlpay, full path, scoring in the HTTP process (default)", {}),
+                        ("mlpay, full path, default, reasons for every transaction (MLPAY_REASONS=all)", {"MLPAY_REASONS": "all"})):
+        if a.only_default and "MLPAY_WORKERS" in extra: continue
         runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env(), **extra}, {"MLPAY_KEY": KEY}))
     redis = start_redis(8106) if not a.only_default else None
     if redis:
