@@ -31,13 +31,14 @@ pipeline: data ## run the DVC pipeline end to end: features, train, evaluate, ex
 	dvc repro
 	@dvc status
 
-system-deps: ## install the system packages tests and benchmarks use (redis-server, wrk) when missing
-	@missing=""; for p in redis-server wrk; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+system-deps: ## install the system packages tests and benchmarks use (redis-server, wrk, prometheus: also promtool) when missing
+	@missing=""; for p in redis-server wrk prometheus; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq$$missing >/dev/null; fi
 
 serve: $(STAMP) ## serve artifacts/model/ on 127.0.0.1:8000 (needs MLPAY_API_KEY or MLPAY_API_KEY_FILE)
 	MLPAY_STATE_DIR=$${MLPAY_STATE_DIR:-artifacts/serve-state} MLPAY_WARM_FROM=$${MLPAY_WARM_FROM:-data/transactions.parquet} \
+	  MLPAY_DECISION_LOG_DIR=$${MLPAY_DECISION_LOG_DIR:-artifacts/serve-decisions} \
 	  mlpay-serve --model artifacts/model --port $${PORT:-8000}
 
 test: $(STAMP) system-deps check-nbs check-readme check-ruff check-docs ## run every test: the checks, the notebooks (nbdev_test) and tests/ (pytest)
@@ -79,7 +80,9 @@ bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/
 	python bench/simulate.py
 	python bench/features.py
 	python bench/online.py
+	python bench/decisions.py
 	python bench/serve.py
+	python bench/monitoring.py
 
 bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, bf16 DDP training); CPU half without a GPU
 	python bench/gpu.py

@@ -105,6 +105,17 @@ def ort_rows_per_s(model_dir):
     return out
 
 
+def unmonitored(model_dir):
+    "A copy of the package without its reference profile: the server then neither monitors nor keeps windows."
+    import shutil
+    out = Path(tempfile.mkdtemp()) / "unmonitored"
+    shutil.copytree(model_dir, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m.pop("monitoring", None)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="artifacts/model", type=Path)
@@ -131,8 +142,12 @@ def main():
         cmd = [sys.executable, "-P", "-c", "from mlpay.serve import main; main()", "--model", str(a.baseline_model), "--port", "8107"]
         runs.append((f"baseline {a.baseline.name}: mlpay, full path, default", cmd, 8107, "predict.lua",
                      {**mlpay_env(), "PYTHONPATH": str(a.baseline.resolve())}, {"MLPAY_KEY": KEY}))
+    bare = unmonitored(a.model)
+    runs.append(("mlpay, full path, default, without monitoring or decision log", [str(BIN / "mlpay-serve"), "--model", str(bare), "--port", "8108"], 8108,
+                 "predict.lua", mlpay_env(), {"MLPAY_KEY": KEY}))
     for name, extra in (("mlpay, full path, LitServe worker: 2 API servers, batch 64 / 1 ms", {"MLPAY_WORKERS": "1", "MLPAY_API_SERVERS": "2"}),
-                        ("mlpay, full path, scoring in the HTTP process (default)", {}),
+                        ("mlpay, full path, scoring in the HTTP process (default: monitoring on)", {}),
+                        ("mlpay, full path, default, monitoring and decision log (MLPAY_DECISION_LOG_DIR)", {"MLPAY_DECISION_LOG_DIR": tempfile.mkdtemp()}),
                         ("mlpay, full path, default, reasons for every transaction (MLPAY_REASONS=all)", {"MLPAY_REASONS": "all"})):
         if a.only_default and "MLPAY_WORKERS" in extra: continue
         runs.append((name, [str(BIN / "mlpay-serve"), "--model", str(a.model), "--port", "8103"], 8103, "predict.lua", {**mlpay_env(), **extra}, {"MLPAY_KEY": KEY}))

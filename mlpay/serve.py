@@ -4,15 +4,16 @@
 
 # %% auto #0
 __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'PROTECTED', 'REQUESTS', 'ServeSettings', 'looks_like_pan', 'Transaction',
-           'PredictRequest', 'Label', 'FeedbackRequest', 'open_state', 'StateOwner', 'FraudAPI', 'EdgeMiddleware',
-           'serving_device', 'build_app', 'build_server', 'create_app', 'main']
+           'PredictRequest', 'Label', 'FeedbackRequest', 'open_state', 'every', 'StateOwner', 'FraudAPI',
+           'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/52_serve.ipynb #9635a200
+# %% ../nbs/52_serve.ipynb #4aa7bb40
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
 import gc
 import hmac
+import math
 import os
 import re
 import signal
@@ -35,12 +36,14 @@ from litserve.connector import check_cuda_with_nvidia_smi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .decisions import DecisionLog
+from .monitoring import MonitorCollector, Windows, monitor_of
 from .online import MemoryStore, OnlineFeatures, RedisStore
 from .package import load_package
 from .scorer import Item, Scorer, contract
 from .transactions import luhn_valid
 
-# %% ../nbs/52_serve.ipynb #6b6199fa
+# %% ../nbs/52_serve.ipynb #5de5394b
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -61,6 +64,12 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = 1_048_576 # larger request bodies get a 413
     ort_threads: int = 1 # onnxruntime intra-op threads (1 is fastest inside a worker)
     reasons: Literal["flagged", "all"] = "flagged" # reason codes for reviewed and declined transactions only, or for every one
+    decision_log_dir: Path | None = None # the decision log (`mlpay.decisions`): every scored transaction and label, in Parquet; off when unset
+    decision_log_file_bytes: int = Field(64 << 20, gt=0) # a log file is closed at this size ...
+    decision_log_file_age_s: float = Field(300.0, gt=0) # ... or age (a crash loses at most the open file)
+    decision_log_total_bytes: int = Field(10 << 30, gt=0) # the oldest closed files are deleted beyond this total ...
+    decision_log_max_age_days: float = Field(90.0, gt=0) # ... or age (retention)
+    monitor_dump_every_s: float = Field(5.0, gt=0) # with several processes, each writes its monitoring windows this often for /metrics to add up
 
     def key(self) -> str:
         "The API key; a server without one refuses to start."
@@ -78,7 +87,7 @@ class ServeSettings(BaseSettings):
             raise ValueError("MLPAY_API_SERVERS > 1 with MLPAY_WORKERS=0 needs MLPAY_REDIS_URL: the in-process state lives in one process")
         return self
 
-# %% ../nbs/52_serve.ipynb #41840a69
+# %% ../nbs/52_serve.ipynb #23f275cb
 _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
@@ -137,13 +146,20 @@ class Label(BaseModel):
     model_config = ConfigDict(extra="forbid")
     transaction_id: int = Field(ge=0, strict=True)
     fraud: bool = Field(strict=True)
+    labelled_at: datetime | None = Field(None, description="when the label became known (e.g. the chargeback), local time as tx_datetime; default: when the server receives it")
+
+    @field_validator("labelled_at")
+    @classmethod
+    def _local_time(cls, v: datetime | None):
+        if v is not None and v.tzinfo is not None: raise ValueError("labelled_at must be local time without a UTC offset")
+        return v
 
 class FeedbackRequest(BaseModel):
     "Confirmed labels: `{\"labels\": [{\"transaction_id\": 1, \"fraud\": true}]}`."
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/52_serve.ipynb #34e86795
+# %% ../nbs/52_serve.ipynb #3b5f399f
 def open_state(settings: ServeSettings, # the server's settings
                registry, # the package's feature registry (`contract`)
                n_history: int, # the package's history steps
@@ -163,36 +179,61 @@ def open_state(settings: ServeSettings, # the server's settings
         online.warm(pl.read_parquet(s.warm_from))
     return online, snap
 
-class StateOwner:
-    "Snapshots the scorer's in-process state periodically and on `close`, atomically, under the scorer's lock."
-    def __init__(self, scorer: Scorer, path: Path | None, every_s: float):
-        self.scorer, self.path, self.every_s = scorer, path, every_s
+def every(seconds: float, fn) -> threading.Thread:
+    "Call `fn` every `seconds` in a daemon thread."
+    def loop():
+        while True:
+            time.sleep(seconds)
+            fn()
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
 
-    def start(self, on_sigterm: bool = False, # also snapshot and exit on SIGTERM (a LitServe worker has no shutdown hook)
+class StateOwner:
+    "What a scoring process owns: its in-process state, snapshotted periodically and on `close` under the scorer's lock; and what `close` also closes."
+    def __init__(self, scorer: Scorer, path: Path | None, every_s: float,
+                 closers: tuple = (), # called by `close` after the snapshot (the decision log's flush)
+                ):
+        self.scorer, self.path, self.every_s, self.closers = scorer, path, every_s, closers
+
+    def start(self, on_sigterm: bool = False, # also close and exit on SIGTERM (a LitServe worker has no shutdown hook)
              ) -> "StateOwner":
-        if self.path:
-            threading.Thread(target=self._every, daemon=True).start()
-            if on_sigterm:
-                def stop(signum, frame):
-                    self.close(); os._exit(0)
-                try: signal.signal(signal.SIGTERM, stop)
-                except ValueError: pass  # not the worker's main thread (test harnesses): the periodic snapshot remains
+        if self.path: every(self.every_s, self.snapshot)
+        if on_sigterm and (self.path or self.closers):
+            def stop(signum, frame):
+                self.close(); os._exit(0)
+            try: signal.signal(signal.SIGTERM, stop)
+            except ValueError: pass  # not the worker's main thread (test harnesses): the periodic snapshot remains
         # The warmed state lives as long as the process: keep it out of the collector's full passes, which otherwise
         # stopped scoring for 80-110 ms every ~15 s under load (1-2 ms once frozen; bench/serve.py, gc callbacks).
         gc.freeze()
         return self
 
-    def _every(self):
-        while True:
-            time.sleep(self.every_s)
-            self.close()
-
-    def close(self):
-        "Snapshot now (a clean stop loses nothing)."
+    def snapshot(self):
+        "Snapshot the in-process state now."
         if self.path:
             with self.scorer.lock: self.scorer.online.snapshot(self.path)
 
-# %% ../nbs/52_serve.ipynb #84770cdb
+    def close(self):
+        "Snapshot, then close the rest (a clean stop loses nothing)."
+        self.snapshot()
+        for close in self.closers: close()
+
+# %% ../nbs/52_serve.ipynb #c4512d0c
+def _monitor(manifest: dict) -> tuple[Windows | None, str]:
+    "The package's monitoring windows, and what /health says of them."
+    try: w = monitor_of(manifest)
+    except ValueError as e: return None, f"off: {e}"
+    return w, f"on: windows {', '.join(w.windows)} of transaction time, against {w.profile.rows:,} reference transactions"
+
+def _decision_log(s: ServeSettings) -> DecisionLog | None:
+    "The decision log the settings ask for, counting into Prometheus (None when off)."
+    if not s.decision_log_dir: return None
+    m = _metrics()
+    return DecisionLog(s.decision_log_dir, max_file_bytes=s.decision_log_file_bytes, max_file_age_s=s.decision_log_file_age_s,
+                       max_total_bytes=s.decision_log_total_bytes, max_age_days=s.decision_log_max_age_days,
+                       on_write=lambda kind, n: m["log_records"].labels(kind).inc(n), on_drop=lambda reason, n: m["log_dropped"].labels(reason).inc(n))
+
 class FraudAPI(ls.LitAPI):
     "Fraud scoring: the scorer (`mlpay.scorer`) behind LitServe's four hooks."
     def __init__(self, model_dir: Path | str, settings: ServeSettings):
@@ -205,7 +246,20 @@ class FraudAPI(ls.LitAPI):
         cuda = str(device).startswith("cuda")
         self.scorer = Scorer(pkg, online, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"],
                              self.settings.ort_threads, self.settings.reasons)
-        self.owner = StateOwner(self.scorer, snapshot, self.settings.snapshot_every_s)
+        self.monitor, self.monitoring = _monitor(pkg.manifest)
+        closers = []
+        if self.monitor and snapshot:  # the windows outlive a restart beside the in-process state: a day's window takes a day to fill
+            saved = snapshot.with_name("monitor.npz")
+            if saved.exists(): self.monitor = self.monitor.merged([saved], math.inf)
+            every(self.settings.snapshot_every_s, lambda: self.monitor.dump(saved))
+            closers.append(lambda: self.monitor.dump(saved))
+        if self.monitor and "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several processes: /metrics adds up every process's windows
+            dump = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / f"monitor-{os.getpid()}.npz"
+            every(self.settings.monitor_dump_every_s, lambda: self.monitor.dump(dump))
+        self.decision_log = _decision_log(self.settings)
+        if self.decision_log: closers.append(self.decision_log.close)
+        self.columns = [f"f.{c}" for c in pkg.manifest["columns"]]  # the decision log's feature columns
+        self.owner = StateOwner(self.scorer, snapshot, self.settings.snapshot_every_s, tuple(closers))
         if self.settings.workers: self.owner.start(on_sigterm=True)  # in a LitServe worker, setup is the only hook there is
 
     def score(self, request: "PredictRequest | FeedbackRequest") -> dict | Response:
@@ -213,15 +267,47 @@ class FraudAPI(ls.LitAPI):
         return self.encode_response(self.predict([self.decode_request(request)])[0])
 
     def decode_request(self, request: PredictRequest) -> Item:  # LitServe validates /predict bodies with this annotation
-        if isinstance(request, FeedbackRequest): return Item(labels=[(lb.transaction_id, lb.fraud) for lb in request.labels])
+        if isinstance(request, FeedbackRequest):
+            return Item(labels=[(lb.transaction_id, lb.fraud) for lb in request.labels], labelled_at=[lb.labelled_at for lb in request.labels])
         return Item([tx.model_dump() for tx in request.transactions], single=request.single)
 
     def batch(self, items): return items
     def unbatch(self, items): return items
 
     def predict(self, x):
-        self.scorer.score(x if isinstance(x, list) else [x])  # a refused request fails alone, never its batch
+        items = x if isinstance(x, list) else [x]
+        self.scorer.score(items)  # a refused request fails alone, never its batch
+        if self.monitor or self.decision_log: self.observe(items)
         return x
+
+    def observe(self, items: list[Item]) -> None:
+        "Count the scored transactions in the monitor's windows; hand them, and any labels, to the decision log."
+        if self.decision_log:
+            for i in items:
+                if i.labels: self.decision_log.labels([t for t, _ in i.labels], [f for _, f in i.labels], i.labelled_at)
+        rows = [i for i in items if i.ids]
+        if not rows: return
+        txs = [tx for i in rows for tx in i.txs]
+        t = np.array([tx["tx_datetime"] for tx in txs], "datetime64[us]")
+        x = np.concatenate([i.features for i in rows])[:, self.scorer.columns]
+        score, prob = np.concatenate([i.scores for i in rows]), np.concatenate([i.probability for i in rows])
+        amount = np.array([tx["tx_amount"] for tx in txs])
+        if self.monitor: self.monitor.observe(t.astype("datetime64[s]").astype(np.int64), x, score, prob, amount)
+        if self.decision_log:
+            attr = np.concatenate([i.attributions for i in rows])
+            self.decision_log.decisions({
+                "transaction_id": np.array([tx["transaction_id"] for tx in txs], np.int64), "tx_datetime": t,
+                "customer_id": np.array([tx["customer_id"] for tx in txs], np.int64),  # the card token (a raw card number never gets this far)
+                "terminal_id": np.array([tx["terminal_id"] for tx in txs], np.int64), "tx_amount": amount,
+                **{c: x[:, j] for j, c in enumerate(self.columns)}, "score": score, "probability": prob,
+                "decision": np.concatenate([i.decisions for i in rows]), "reasons": [[r["code"] for r in rs] for rs in self.scorer.reasons(attr)],
+                "model_version": [self.scorer.version] * len(txs)})
+
+    def detail(self) -> dict:  # not `health`: LitServe's own hook of that name answers its /health
+        "/health's body: ready, and the parts that work degraded (they never fail a scoring request)."
+        log = ({"dir": str(self.settings.decision_log_dir), "written": self.decision_log.written, "dropped": self.decision_log.dropped, "error": self.decision_log.last_error}
+               if self.decision_log else "off: set MLPAY_DECISION_LOG_DIR to record every decision")
+        return {"status": "ok", "model_version": self.scorer.version, "monitoring": self.monitoring, "decision_log": log}
 
     def encode_response(self, item: Item):  # no return annotation: LitServe would make it the response model
         if item.error: return JSONResponse({"detail": item.error[1]}, status_code=item.error[0])
@@ -229,7 +315,7 @@ class FraudAPI(ls.LitAPI):
         for r in body.get("results", [body] if "decision" in body else []): _metrics()["decisions"].labels(r["decision"]).inc()
         return body
 
-# %% ../nbs/52_serve.ipynb #c4919f9c
+# %% ../nbs/52_serve.ipynb #68b5b9ce
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -241,6 +327,13 @@ def _registry():
         _REGISTRY = CollectorRegistry()
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ: multiprocess.MultiProcessCollector(_REGISTRY)
     return _REGISTRY
+
+def _watch(windows: Windows | None) -> None:
+    "Serve the monitoring gauges of `windows` on /metrics: live with one process, else added up from every process's dumps."
+    global _COLLECTOR
+    if globals().get("_COLLECTOR"): _registry().unregister(_COLLECTOR)
+    _COLLECTOR = MonitorCollector(windows, os.environ.get("PROMETHEUS_MULTIPROC_DIR")) if windows else None
+    if _COLLECTOR: _registry().register(_COLLECTOR)
 
 def _metrics():
     "The server's Prometheus metrics (created on first use, after `_metrics_dir`)."
@@ -255,6 +348,8 @@ def _metrics():
                                  buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5)),
             "decisions": Counter("mlpay_decisions", "scored transactions by decision", ["decision"], registry=r),
             "rejected": Counter("mlpay_rejected", "requests refused at the edge", ["reason"], registry=r),
+            "log_records": Counter("mlpay_decision_log_records", "records written to the decision log", ["kind"], registry=r),
+            "log_dropped": Counter("mlpay_decision_log_dropped", "decision log records lost (queue full, write error)", ["reason"], registry=r),
         }
     return _METRICS
 
@@ -342,9 +437,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 def _metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    if "_COLLECTOR" not in globals() and (pkg := os.environ.get("MLPAY_MONITOR_PACKAGE")):  # a LitServe HTTP process: the workers' dumps
+        _watch(_monitor(orjson.loads((Path(pkg) / "manifest.json").read_bytes()))[0])
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/52_serve.ipynb #37594067
+# %% ../nbs/52_serve.ipynb #6bb879fa
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
@@ -377,8 +474,9 @@ def build_app(model_dir: Path | str, # a model package directory
     async def lifespan(app):
         api.setup(serving_device())
         api.owner.start()
+        _watch(api.monitor)
         yield
-        api.owner.close()  # a clean stop (SIGTERM) keeps the latest in-process state
+        api.owner.close()  # a clean stop (SIGTERM) keeps the latest in-process state and flushes the decision log
 
     app = FastAPI(title="mlpay", lifespan=lifespan)
     _common_routes(app)
@@ -389,7 +487,7 @@ def build_app(model_dir: Path | str, # a model package directory
     async def feedback(request: FeedbackRequest) -> Response: return _answer(api.score(request))
     app.add_api_route("/predict", predict, methods=["POST"], summary="Score authorizations")
     app.add_api_route("/feedback", feedback, methods=["POST"], summary="Confirmed fraud labels")
-    app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"], summary="Ready: the model and the state are loaded")
+    app.add_api_route("/health", lambda: api.detail(), methods=["GET"], summary="Ready: the model and the state are loaded; what works degraded")
     return app
 
 def build_server(model_dir: Path | str, # a model package directory
@@ -399,6 +497,7 @@ def build_server(model_dir: Path | str, # a model package directory
     settings = settings or ServeSettings()
     if settings.workers < 1: raise ValueError("build_server runs LitServe inference workers: set MLPAY_WORKERS >= 1")
     _metrics_dir(settings)
+    os.environ["MLPAY_MONITOR_PACKAGE"] = str(Path(model_dir).resolve())  # the HTTP processes add up the workers' monitoring dumps
     api = FraudAPI(model_dir, settings)
     server = ls.LitServer(api, accelerator=serving_device(), workers_per_device=settings.workers, timeout=settings.timeout_s,
                           fast_queue=True, middlewares=[_edge(settings)])

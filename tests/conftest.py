@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, a tiny composed configuration, a real Redis server."""
+"""Shared fixtures: the repository root, a tiny composed configuration, a tiny model package, a real Redis server."""
 import os
 import shutil
 import socket
@@ -81,3 +81,26 @@ def redis_url(redis_server):
     import redis
     redis.Redis.from_url(redis_server).flushdb()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def package(tmp_path_factory):
+    "A tiny trained, evaluated and exported model package (model/), its transactions, and the days to warm the state from (history)."
+    from mlpay.config import compose
+    from mlpay.evaluation import main as evaluate
+    from mlpay.export import write_package
+    from mlpay.features import compute_features
+    from mlpay.registry import FeatureRegistry
+    from mlpay.simulate import simulate
+    from mlpay.train import train
+    d = tmp_path_factory.mktemp("pkg")
+    cfg = compose(["debug=fast", "model=mlp", "trainer.max_epochs=1", f"paths.train={d}/train"])
+    tx = simulate(cfg.data, progress=False)
+    feats = compute_features(tx, FeatureRegistry.from_cfg(cfg))
+    train(cfg, feats)
+    evaluate(["--predictions", f"{d}/train/predictions.parquet", "--out-dir", f"{d}/eval", "--package", f"{d}/train", "data=tiny"])
+    write_package(d / "train", d / "model", feats, compose(["debug=fast", "export.variants=[]", "reasons.faithfulness.min_rate=0"]))
+    import polars as pl
+    tx.write_parquet(d / "transactions.parquet")
+    tx.filter(pl.col("TX_TIME_DAYS") < 150).write_parquet(d / "history.parquet")
+    return d

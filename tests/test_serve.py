@@ -16,27 +16,6 @@ KEY = "serve-test-" + "k" * 16
 TX = {"transaction_id": 20_000_001, "tx_datetime": "2018-08-30T12:00:00", "customer_id": 7, "terminal_id": 11, "tx_amount": 42.0}
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    "A tiny trained, evaluated and exported model package, and transactions to warm the state from."
-    from mlpay.config import compose
-    from mlpay.evaluation import main as evaluate
-    from mlpay.export import write_package
-    from mlpay.features import compute_features
-    from mlpay.registry import FeatureRegistry
-    from mlpay.simulate import simulate
-    from mlpay.train import train
-    d = tmp_path_factory.mktemp("pkg")
-    cfg = compose(["debug=fast", "model=mlp", "trainer.max_epochs=1", f"paths.train={d}/train"])
-    tx = simulate(cfg.data, progress=False)
-    feats = compute_features(tx, FeatureRegistry.from_cfg(cfg))
-    train(cfg, feats)
-    evaluate(["--predictions", f"{d}/train/predictions.parquet", "--out-dir", f"{d}/eval", "--package", f"{d}/train", "data=tiny"])
-    write_package(d / "train", d / "model", feats, compose(["debug=fast", "export.variants=[]", "reasons.faithfulness.min_rate=0"]))
-    tx.filter(pl.col("TX_TIME_DAYS") < 150).write_parquet(d / "history.parquet")
-    return d
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
