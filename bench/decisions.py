@@ -4,8 +4,10 @@ Synthetic decisions of the default data's size: ~10k a day, each with the server
 one request (one row) at a time as the server does, and as many labels. Two layouts of the files:
 - busy: one process writing a row group per 1,000 requests (a busy server's 1-second flush), 64 MiB files;
 - quiet: the default 5-minute rotation at ~7 requests a minute, a file per 5 minutes (288 a day), each compacted to
-  one row group when finished. Writing it one flush per request (a 1-row row group, as 1-second flushes give) is
-  timed on the first day; the remaining days are written a flush per file, which leaves the same files.
+  one row group when finished. The first day is written a flush per request (a 1-row row group each, as 1-second
+  flushes give at that rate); the remaining days a flush per file, which leaves the same files (compacted).
+"writer µs/row" is the writer thread's time (conversion, Parquet, disk, rotation, compaction) per decision row,
+label rows included in the time.
 
     python bench/decisions.py [--days 30]
 """
@@ -47,7 +49,7 @@ def write(directory: Path, days: int, layout: str) -> dict:
     "Log `days` days of decisions and labels into `directory`; timings."
     rng = np.random.default_rng(0)
     log = DecisionLog(directory, flush_every_s=3600, name="bench")  # flushed here, not by the thread
-    enqueue, flush_s, label_s, rows = [], 0.0, [], 0
+    enqueue, flush_s, label_s, rows, flushes = [], 0.0, [], 0, 0
     per_file = PER_DAY * 300 // 86_400  # requests in 5 minutes
     for day in range(days):
         cols = day_columns(day, rng)
@@ -56,9 +58,10 @@ def write(directory: Path, days: int, layout: str) -> dict:
             for r in requests(cols, lo, min(lo + step, PER_DAY)):
                 t = time.perf_counter_ns(); log.decisions(r); enqueue.append(time.perf_counter_ns() - t)
                 if layout == "quiet" and day == 0:  # a flush per request: a 1-row row group each, as 1-second flushes give
-                    t = time.perf_counter(); log.flush(); flush_s += time.perf_counter() - t
-            t = time.perf_counter(); log.flush(); flush_s += time.perf_counter() - t
-            if layout == "quiet": log.rotate()
+                    t = time.perf_counter(); log.flush(); flush_s += time.perf_counter() - t; flushes += 1
+            t = time.perf_counter(); log.flush(); flush_s += time.perf_counter() - t; flushes += 1
+            if layout == "quiet":
+                t = time.perf_counter(); log.rotate(); flush_s += time.perf_counter() - t
             rows += min(lo + step, PER_DAY) - lo
         ids = rng.choice(cols["transaction_id"], PER_DAY)  # a day's labels, some of them twice
         known = cols["tx_datetime"][ids - day * PER_DAY] + np.timedelta64(7, "D")
@@ -67,7 +70,7 @@ def write(directory: Path, days: int, layout: str) -> dict:
     t = time.perf_counter(); log.close(); flush_s += time.perf_counter() - t
     assert log.written == {"decisions": rows, "labels": days * PER_DAY} and not any(log.dropped.values()), (log.written, log.dropped)
     files = list(directory.glob("*.parquet"))
-    return {"rows": rows, "files": len(files), "mib": sum(f.stat().st_size for f in files) / 2**20, "flush_s": flush_s,
+    return {"rows": rows, "files": len(files), "mib": sum(f.stat().st_size for f in files) / 2**20, "flush_s": flush_s, "flushes": flushes,
             "enqueue_us": float(np.median(enqueue) / 1e3), "enqueue_p99_us": float(np.percentile(enqueue, 99) / 1e3),
             "label_us": float(np.median(label_s) / 1e3)}
 
@@ -90,6 +93,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--days", type=int, default=30)
     a = p.parse_args()
+    with tempfile.TemporaryDirectory() as d, DecisionLog(d) as log:  # warm-up: pyarrow's first conversions import what they need
+        log.decisions(next(requests(day_columns(0, np.random.default_rng(1)), 0, 1))); log.labels(1, True)
     rows, payload = [], {"per_day": PER_DAY, "features": len(FEATURES)}
     for layout in ("busy", "quiet"):
         for days in sorted({1, a.days}):
@@ -100,11 +105,11 @@ def main():
             payload[f"{layout}_{days}d"] = {**w, **r}
             n = w["rows"]
             rows.append([layout, days, f"{n:,}", f"{w['files']:,}", f"{w['mib']:.1f}", f"{w['enqueue_us']:.1f} / {w['enqueue_p99_us']:.1f}",
-                         f"{w['label_us']:.1f}", f"{n / w['flush_s']:,.0f}", f"{r['read_s']:.2f} ({n / r['read_s']:,.0f}/s)",
+                         f"{w['label_us']:.1f}", f"{w['flush_s'] / n * 1e6:.0f} ({w['flushes']:,} flushes)", f"{r['read_s']:.2f} ({n / r['read_s']:,.0f}/s)",
                          f"{r['read_last_day_s']:.2f}", f"{r['read_labels_s']:.2f}", f"{r['join_s'] * 1e3:.0f} ({n / r['join_s']:,.0f}/s)"])
             print(rows[-1], flush=True)
     print_table(f"Decision log: {PER_DAY:,} decisions a day ({len(FEATURES)} features), one request each, and {PER_DAY:,} labels a day",
-                ["layout", "days", "decisions", "files", "MiB", "enqueue µs median / p99", "label µs", "write rows/s",
+                ["layout", "days", "decisions", "files", "MiB", "enqueue µs median / p99", "label µs", "writer µs/row",
                  "read all s (rows/s)", "read last day s", "read labels s", "join ms (rows/s)"], rows)
     save("decisions", payload)
 

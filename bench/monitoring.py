@@ -47,7 +47,7 @@ def weekly_precision(log, manifest, as_of):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="artifacts/model", type=Path)
-    p.add_argument("--scenarios", nargs="*", default=["none", "card_testing", "population_shift", "breach_wave"])
+    p.add_argument("--scenarios", nargs="*", default=["none", "card_testing", "population_shift", "habits_shift", "breach_wave"])
     p.add_argument("--from-day", type=int, default=None, help="first day replayed (default: the day after the package's validation days)")
     p.add_argument("--full-default", action="store_true", help="also replay all 183 default days from day 0 (false alarms per month)")
     a = p.parse_args()
@@ -68,7 +68,7 @@ def main():
         seen, days, summary = replay_scenario(a.model, tx, start, cfg, work)
         seconds, n = time.perf_counter() - t0, summary["transactions"]
         drift_start = day0 + timedelta(days=drift_day) if drift_day is not None else datetime.max
-        fired, before = first_alarms(seen, days, drift_start)
+        fired, before = first_alarms(seen, days, drift_start, manifest["state"]["label_delay_days"])
         n_days = days.height
         results[name] = {"transactions": n, "seconds": seconds, "days": n_days, "first_fired_hours_after_drift": fired,
                          "alarms_before_drift": before, "alarm_days": summary["alarm_days"], "report": summary}

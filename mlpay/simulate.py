@@ -19,12 +19,12 @@ from .config import stage_config, stage_parser
 from .transactions import SCHEMA, write_transactions
 
 # %% auto #0
-__all__ = ['DAY_S', 'STREAMS', 'MAX_CELLS_PER_SIDE', 'CHUNK_DAYS', 'LARGE_CAP', 'MAX_REDRAWS', 'drift_kind',
-           'cards_tested_per_day', 'wave_terminals_per_day', 'check_drift_config', 'check_data_config', 'make_streams',
-           'terminals_within', 'Population', 'make_population', 'draw_transactions', 'sort_transactions',
-           'draw_compromised', 'window_matches', 'pick_share', 'add_frauds', 'to_frame', 'simulate', 'main',
-           'nth_outside', 'draw_card_testing', 'add_card_testing', 'growth_factor', 'move_cards', 'shift_population',
-           'add_breach_wave']
+__all__ = ['DAY_S', 'MIN_INSIDE', 'STREAMS', 'MAX_CELLS_PER_SIDE', 'CHUNK_DAYS', 'LARGE_CAP', 'MAX_REDRAWS', 'drift_kind',
+           'cards_tested_per_day', 'wave_terminals_per_day', 'inside_share', 'check_drift_config', 'check_data_config',
+           'make_streams', 'terminals_within', 'Population', 'make_population', 'draw_transactions',
+           'sort_transactions', 'draw_compromised', 'window_matches', 'pick_share', 'add_frauds', 'to_frame',
+           'simulate', 'main', 'nth_outside', 'draw_card_testing', 'add_card_testing', 'growth_factor', 'move_cards',
+           'move_terminals', 'shift_population', 'draw_times_of_day', 'shift_habits', 'add_breach_wave']
 
 # %% ../nbs/03_simulate.ipynb #856fa6d9
 DAY_S = 86_400  # seconds in a day
@@ -74,6 +74,11 @@ _DRIFT_RULES = {
         "ramp_days": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "move_share": (lambda v: _is_num(v) and 0 <= v <= 1, "a share in [0, 1]"),
     },
+    "habits_shift": {
+        "time_of_day_mean_s": _RULES["time_of_day_mean_s"],
+        "move_share": (lambda v: _is_num(v) and 0 <= v <= 1, "a share in [0, 1]"),
+        "move_days": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    },
     "breach_wave": {
         "factor": (lambda v: _is_num(v) and v >= 1, "a number >= 1"),
         "days": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -93,6 +98,16 @@ def cards_tested_per_day(cfg: DictConfig) -> int:
 def wave_terminals_per_day(cfg: DictConfig) -> int:
     "Breach wave: the terminals compromised on each day of the wave."
     return _round(cfg.fraud.terminals_per_day * cfg.drift.factor)
+
+MIN_INSIDE = 0.01  # habits shift: at least this share of the time draws must fall inside the day (redrawing ends)
+
+def inside_share(mean: float, # seconds
+                 std: float, # seconds
+                ) -> float:
+    "The probability that a time of day ~ N(`mean`, `std`), cast to int, falls inside the day (1 to 86399 s)."
+    if std == 0: return float(1 <= mean < DAY_S)
+    def cdf(x): return 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+    return cdf(DAY_S) - cdf(1)
 
 def check_drift_config(cfg: DictConfig, # the `data` config group, its other values already checked
                       ) -> None:
@@ -115,6 +130,9 @@ def check_drift_config(cfg: DictConfig, # the `data` config group, its other val
         if (d.small_tx[1] + d.large_tx[1] - 1) * d.gap_s[1] >= DAY_S - 1:
             fail("gap_s", f"short enough for a burst to fit in a day: (small_tx[1] + large_tx[1] - 1) * gap_s[1] < {DAY_S - 1}",
                  d.gap_s)
+    if kind == "habits_shift" and (p := inside_share(d.time_of_day_mean_s, cfg.time_of_day_std_s)) < MIN_INSIDE:
+        fail("time_of_day_mean_s", f"a mean that leaves at least {MIN_INSIDE:.0%} of the draws ~ N(mean, "
+             f"data.time_of_day_std_s={cfg.time_of_day_std_s}) inside the day (here {p:.2%})", d.time_of_day_mean_s)
     if kind == "breach_wave" and wave_terminals_per_day(cfg) > cfg.n_terminals:
         fail("factor", f"at most n_terminals / fraud.terminals_per_day = {cfg.n_terminals / cfg.fraud.terminals_per_day:g}",
              d.factor)
@@ -139,7 +157,8 @@ STREAMS = ("customers", "terminals", "counts", "times", "amounts", "negatives", 
            "scenario2", "scenario3", "scenario3_pick",
            # drift scenarios (see Drift below)
            "card_testing", "card_testing_bursts", "card_testing_amounts", "card_testing_terminals",
-           "population_shift", "population_shift_choices", "breach_wave")
+           "population_shift", "population_shift_choices", "breach_wave",
+           "habits_shift", "habits_shift_moves", "habits_shift_choices")
 
 def make_streams(seed: int, # `data.seed`
                 ) -> dict[str, np.random.Generator]:
@@ -337,6 +356,7 @@ def simulate(cfg: DictConfig, # the `data` config group, e.g. `compose(["data=ti
     pop = make_population(cfg, streams)
     tx = sort_transactions(draw_transactions(pop, cfg, streams, progress=progress))
     if kind == "population_shift": tx = shift_population(tx, pop, cfg, streams)
+    if kind == "habits_shift": tx = shift_habits(tx, pop, cfg, streams)
     tx = add_frauds(tx, cfg, streams)  # a breach wave compromises its terminals here
     if kind == "card_testing": tx = add_card_testing(tx, pop, cfg, streams)
     return to_frame(tx, cfg.start_date)
@@ -420,13 +440,14 @@ def growth_factor(day: np.ndarray, # per transaction: its day
     return 1 + drift.growth * np.clip((day - drift.start_day + 1) / drift.ramp_days, 0, 1)
 
 def move_cards(pop: Population, # from `make_population`
-               cfg: DictConfig, # the `data` config group, with a population_shift `drift`
-               rng: np.random.Generator, # the `population_shift` stream
+               cfg: DictConfig, # the `data` config group, with a `drift` that has `start_day` and `move_share`
+               rng: np.random.Generator, # the drift's stream for moves (`population_shift`, `habits_shift_moves`)
+               days: int, # each card moves on a random one of the `days` days from `start_day`
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     "`(card, day, xy, indptr, indices)`: the cards that move, the day each moves, its new place and the terminals near it."
     d = cfg.drift
     card = np.sort(rng.permutation(cfg.n_customers)[:_round(d.move_share * cfg.n_customers)])
-    day = rng.integers(d.start_day, min(d.start_day + d.ramp_days, cfg.n_days), len(card))
+    day = rng.integers(d.start_day, min(d.start_day + days, cfg.n_days), len(card))
     xy = rng.uniform(0, cfg.grid_size, (len(card), 2))
     for _ in range(MAX_REDRAWS):
         indptr, indices = terminals_within(xy, pop.terminal_xy, cfg.radius, cfg.grid_size)
@@ -438,6 +459,25 @@ def move_cards(pop: Population, # from `make_population`
         indptr, indices = terminals_within(xy, pop.terminal_xy, cfg.radius, cfg.grid_size)
     return card, day, xy, indptr, indices
 
+def move_terminals(tx: dict[str, np.ndarray], # genuine transactions (sorted), from `sort_transactions`
+                   pop: Population, # from `make_population`
+                   cfg: DictConfig, # the `data` config group, with a `drift` that has `start_day` and `move_share`
+                   days: int, # the cards move on the `days` days from `start_day`
+                   moves: np.random.Generator, # the drift's stream for moves (`move_cards`) ...
+                   choices: np.random.Generator, # ... and for the moved cards' terminals
+                  ) -> np.ndarray:
+    "`tx`'s terminals once `move_cards` has moved: from its move day, a moved card pays uniformly at the terminals near it."
+    card, move_day, _, indptr, indices = move_cards(pop, cfg, moves, days)
+    slot = np.full(cfg.n_customers, len(card))  # the moved card's index in `card`; len(card) if it stays
+    slot[card] = np.arange(len(card))
+    s = slot[tx["CUSTOMER_ID"]]
+    rows = np.flatnonzero(tx["TX_TIME_DAYS"] >= np.append(move_day, cfg.n_days)[s])  # a moved card's rows from its move day
+    s = s[rows]
+    offset = (choices.random(len(rows)) * np.diff(indptr)[s]).astype(np.int64)
+    terminal = tx["TERMINAL_ID"].copy()
+    terminal[rows] = indices[indptr[s] + offset]
+    return terminal
+
 def shift_population(tx: dict[str, np.ndarray], # genuine transactions (sorted), from `sort_transactions`
                      pop: Population, # from `make_population`
                      cfg: DictConfig, # the `data` config group, with a population_shift `drift`
@@ -448,16 +488,36 @@ def shift_population(tx: dict[str, np.ndarray], # genuine transactions (sorted),
     amount = tx["TX_AMOUNT"]
     grown = np.round(amount * growth_factor(day, d), 2)
     amount = np.where((day >= d.start_day) & ((grown > threshold) == (amount > threshold)), grown, amount)
-    card, move_day, _, indptr, indices = move_cards(pop, cfg, streams["population_shift"])
-    slot = np.full(cfg.n_customers, len(card))  # the moved card's index in `card`; len(card) if it stays
-    slot[card] = np.arange(len(card))
-    s = slot[tx["CUSTOMER_ID"]]
-    rows = np.flatnonzero(day >= np.append(move_day, cfg.n_days)[s])  # a moved card's rows from its move day
-    s = s[rows]
-    offset = (streams["population_shift_choices"].random(len(rows)) * np.diff(indptr)[s]).astype(np.int64)
-    terminal = tx["TERMINAL_ID"].copy()
-    terminal[rows] = indices[indptr[s] + offset]
+    terminal = move_terminals(tx, pop, cfg, d.ramp_days, streams["population_shift"], streams["population_shift_choices"])
     return tx | {"TX_AMOUNT": amount, "TERMINAL_ID": terminal}
+
+# %% ../nbs/03_simulate.ipynb #ab36bb15
+def draw_times_of_day(rng: np.random.Generator, # the `habits_shift` stream
+                      n: int, # how many
+                      mean: float, # seconds
+                      std: float, # seconds
+                     ) -> np.ndarray:
+    "`n` times of day ~ N(`mean`, `std`) cast to int, as in `_draw_days`; one outside the day (0, 86400) is redrawn."
+    tod, todo = np.zeros(n, np.int64), np.arange(n)
+    while len(todo):  # `check_drift_config` makes at least MIN_INSIDE of the draws fall inside
+        tod[todo] = np.trunc(rng.normal(mean, std, len(todo))).astype(np.int64)
+        todo = todo[(tod[todo] <= 0) | (tod[todo] >= DAY_S)]
+    return tod
+
+def shift_habits(tx: dict[str, np.ndarray], # genuine transactions (sorted), from `sort_transactions`
+                 pop: Population, # from `make_population`
+                 cfg: DictConfig, # the `data` config group, with a habits_shift `drift`
+                 streams: dict[str, np.random.Generator], # from `make_streams`
+                ) -> dict[str, np.ndarray]:
+    "`tx` with new times of day from `start_day` (same days), re-sorted and renumbered, and the moved cards' terminals."
+    d, day = cfg.drift, tx["TX_TIME_DAYS"]
+    late = np.flatnonzero(day >= d.start_day)
+    seconds = tx["TX_TIME_SECONDS"].copy()
+    seconds[late] = day[late] * DAY_S + draw_times_of_day(streams["habits_shift"], len(late), d.time_of_day_mean_s,
+                                                          cfg.time_of_day_std_s)
+    tx = sort_transactions({k: v for k, v in tx.items() if k != "TRANSACTION_ID"} | {"TX_TIME_SECONDS": seconds})
+    return tx | {"TERMINAL_ID": move_terminals(tx, pop, cfg, d.move_days, streams["habits_shift_moves"],
+                                               streams["habits_shift_choices"])}
 
 # %% ../nbs/03_simulate.ipynb #795f9254
 def add_breach_wave(comp_day: np.ndarray, # scenario 2's compromises: days ...
