@@ -287,7 +287,7 @@ def monitor_of(manifest: Mapping) -> Windows:
     return Windows(profile, mon["windows"], manifest["thresholds"], manifest["costs"], int(mon["bucket_s"]), manifest["version"],
                    [manifest["columns"].index(n) for n in profile.names[:-1]])
 
-# %% ../nbs/60_monitoring.ipynb #423ade0e
+# %% ../nbs/60_monitoring.ipynb #6beec840
 _HELP = {
     "feature_psi": ("population stability index of a model feature (or the score) over the window vs the package's reference", ("feature", "window")),
     "feature_ks": ("Kolmogorov-Smirnov distance of a model feature (or the score) over the window vs the reference, on its bins", ("feature", "window")),
@@ -301,13 +301,16 @@ _HELP = {
 class MonitorCollector:
     "The monitoring gauges of a `Windows`, computed at scrape time (`prometheus_client` custom collector)."
     def __init__(self, windows: Windows, directory: Path | str | None = None, # multiprocess mode: add up the dumps here
-                 max_age_s: float = 60.0):
-        self.w, self.directory, self.max_age_s = windows, directory, max_age_s
+                 max_age_s: float = 60.0,
+                 refresh=None, # called before each scrape (the server counts what it scored since the last time)
+                ):
+        self.w, self.directory, self.max_age_s, self.refresh = windows, directory, max_age_s, refresh
 
     def describe(self): return []  # registering must not call collect (nothing to compute yet)
 
     def collect(self) -> Iterator:
         from prometheus_client.core import GaugeMetricFamily
+        if self.refresh: self.refresh()
         w = self.w.merged(sorted(glob.glob(os.path.join(self.directory, "monitor-*.npz"))), self.max_age_s) if self.directory else self.w
         for name, values in w.gauges().items():
             help_, labels = _HELP[name]

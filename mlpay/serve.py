@@ -7,7 +7,7 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'PROTECTED', 'REQUESTS', 'ServeSett
            'PredictRequest', 'Label', 'FeedbackRequest', 'open_state', 'every', 'StateOwner', 'FraudAPI',
            'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/52_serve.ipynb #4aa7bb40
+# %% ../nbs/52_serve.ipynb #fb51c1fa
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
@@ -19,6 +19,7 @@ import re
 import signal
 import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,7 @@ from .package import load_package
 from .scorer import Item, Scorer, contract
 from .transactions import luhn_valid
 
-# %% ../nbs/52_serve.ipynb #5de5394b
+# %% ../nbs/52_serve.ipynb #bebc44e4
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -70,6 +71,7 @@ class ServeSettings(BaseSettings):
     decision_log_total_bytes: int = Field(10 << 30, gt=0) # the oldest closed files are deleted beyond this total ...
     decision_log_max_age_days: float = Field(90.0, gt=0) # ... or age (retention)
     monitor_dump_every_s: float = Field(5.0, gt=0) # with several processes, each writes its monitoring windows this often for /metrics to add up
+    observe_every_s: float = Field(0.5, gt=0) # scored transactions reach the monitor and the decision log this often, in a batch (off the request's path)
 
     def key(self) -> str:
         "The API key; a server without one refuses to start."
@@ -219,7 +221,7 @@ class StateOwner:
         self.snapshot()
         for close in self.closers: close()
 
-# %% ../nbs/52_serve.ipynb #c4512d0c
+# %% ../nbs/52_serve.ipynb #32ff320f
 def _monitor(manifest: dict) -> tuple[Windows | None, str]:
     "The package's monitoring windows, and what /health says of them."
     try: w = monitor_of(manifest)
@@ -247,7 +249,10 @@ class FraudAPI(ls.LitAPI):
         self.scorer = Scorer(pkg, online, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"],
                              self.settings.ort_threads, self.settings.reasons)
         self.monitor, self.monitoring = _monitor(pkg.manifest)
-        closers = []
+        self.decision_log = _decision_log(self.settings)
+        self.pending, self.observing = deque(), threading.Lock()  # scored items waiting for `observe_pending`
+        closers = [self.observe_pending]
+        if self.monitor or self.decision_log: every(self.settings.observe_every_s, self.observe_pending)
         if self.monitor and snapshot:  # the windows outlive a restart beside the in-process state: a day's window takes a day to fill
             saved = snapshot.with_name("monitor.npz")
             if saved.exists(): self.monitor = self.monitor.merged([saved], math.inf)
@@ -255,8 +260,7 @@ class FraudAPI(ls.LitAPI):
             closers.append(lambda: self.monitor.dump(saved))
         if self.monitor and "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several processes: /metrics adds up every process's windows
             dump = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / f"monitor-{os.getpid()}.npz"
-            every(self.settings.monitor_dump_every_s, lambda: self.monitor.dump(dump))
-        self.decision_log = _decision_log(self.settings)
+            every(self.settings.monitor_dump_every_s, lambda: (self.observe_pending(), self.monitor.dump(dump)))
         if self.decision_log: closers.append(self.decision_log.close)
         self.columns = [f"f.{c}" for c in pkg.manifest["columns"]]  # the decision log's feature columns
         self.owner = StateOwner(self.scorer, snapshot, self.settings.snapshot_every_s, tuple(closers))
@@ -277,8 +281,15 @@ class FraudAPI(ls.LitAPI):
     def predict(self, x):
         items = x if isinstance(x, list) else [x]
         self.scorer.score(items)  # a refused request fails alone, never its batch
-        if self.monitor or self.decision_log: self.observe(items)
+        if self.monitor or self.decision_log: self.pending.append(items)  # counted and logged off the request's path
         return x
+
+    def observe_pending(self) -> None:
+        "Count and log what was scored since the last call (a thread every `MLPAY_OBSERVE_EVERY_S`, each scrape, a stop)."
+        with self.observing:
+            items = []
+            while self.pending: items += self.pending.popleft()
+            if items: self.observe(items)
 
     def observe(self, items: list[Item]) -> None:
         "Count the scored transactions in the monitor's windows; hand them, and any labels, to the decision log."
@@ -315,7 +326,7 @@ class FraudAPI(ls.LitAPI):
         for r in body.get("results", [body] if "decision" in body else []): _metrics()["decisions"].labels(r["decision"]).inc()
         return body
 
-# %% ../nbs/52_serve.ipynb #68b5b9ce
+# %% ../nbs/52_serve.ipynb #9792fdc6
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -328,11 +339,11 @@ def _registry():
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ: multiprocess.MultiProcessCollector(_REGISTRY)
     return _REGISTRY
 
-def _watch(windows: Windows | None) -> None:
+def _watch(windows: Windows | None, refresh=None) -> None:
     "Serve the monitoring gauges of `windows` on /metrics: live with one process, else added up from every process's dumps."
     global _COLLECTOR
     if globals().get("_COLLECTOR"): _registry().unregister(_COLLECTOR)
-    _COLLECTOR = MonitorCollector(windows, os.environ.get("PROMETHEUS_MULTIPROC_DIR")) if windows else None
+    _COLLECTOR = MonitorCollector(windows, os.environ.get("PROMETHEUS_MULTIPROC_DIR"), refresh=refresh) if windows else None
     if _COLLECTOR: _registry().register(_COLLECTOR)
 
 def _metrics():
@@ -441,7 +452,7 @@ def _metrics_endpoint(request: Request) -> Response:
         _watch(_monitor(orjson.loads((Path(pkg) / "manifest.json").read_bytes()))[0])
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/52_serve.ipynb #6bb879fa
+# %% ../nbs/52_serve.ipynb #1657e863
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
@@ -474,7 +485,7 @@ def build_app(model_dir: Path | str, # a model package directory
     async def lifespan(app):
         api.setup(serving_device())
         api.owner.start()
-        _watch(api.monitor)
+        _watch(api.monitor, api.observe_pending)
         yield
         api.owner.close()  # a clean stop (SIGTERM) keeps the latest in-process state and flushes the decision log
 
