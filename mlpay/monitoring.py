@@ -175,7 +175,7 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     idx = bin_index(values, edges) + np.arange(f) * b
     return np.bincount(idx.ravel(), minlength=f * b).reshape(f, b)
 
-# %% ../nbs/60_monitoring.ipynb #76e48bb2
+# %% ../nbs/60_monitoring.ipynb #353e0868
 class Windows:
     "Bin counts and performance sums of scored transactions in buckets of transaction time; windows are sums of buckets."
     def __init__(self, profile: Profile, # the package's reference
@@ -239,11 +239,14 @@ class Windows:
         with self.lock, open(tmp, "wb") as f: np.savez(f, bucket=self.bucket, counts=self.counts, sums=self.sums, first=self.first, version=self.version, written=time.time())
         os.replace(tmp, path)
 
-    def merged(self, paths: Sequence[Path | str], # files `dump` wrote (this process's included)
+    def merged(self, paths: Sequence[Path | str], # files `dump` wrote
                max_age_s: float = 60.0, # a file not rewritten this long belongs to a process gone: ignored
+               with_self: bool = False, # start from this process's own buckets (live, rather than its last dump)
               ) -> Windows:
         "A `Windows` holding the buckets of every recent file of this model version, added up."
         out = Windows(self.profile, self.windows, self.thresholds, self.costs, self.bucket_s, self.version, self.columns)
+        if with_self:
+            with self.lock: out.bucket, out.counts, out.sums, out.newest, out.first = self.bucket.copy(), self.counts.copy(), self.sums.copy(), self.newest, self.first
         for p in paths:
             try:
                 with np.load(p) as z:
@@ -287,7 +290,7 @@ def monitor_of(manifest: Mapping) -> Windows:
     return Windows(profile, mon["windows"], manifest["thresholds"], manifest["costs"], int(mon["bucket_s"]), manifest["version"],
                    [manifest["columns"].index(n) for n in profile.names[:-1]])
 
-# %% ../nbs/60_monitoring.ipynb #6beec840
+# %% ../nbs/60_monitoring.ipynb #3bbcdef4
 _HELP = {
     "feature_psi": ("population stability index of a model feature (or the score) over the window vs the package's reference", ("feature", "window")),
     "feature_ks": ("Kolmogorov-Smirnov distance of a model feature (or the score) over the window vs the reference, on its bins", ("feature", "window")),
@@ -311,7 +314,8 @@ class MonitorCollector:
     def collect(self) -> Iterator:
         from prometheus_client.core import GaugeMetricFamily
         if self.refresh: self.refresh()
-        w = self.w.merged(sorted(glob.glob(os.path.join(self.directory, "monitor-*.npz"))), self.max_age_s) if self.directory else self.w
+        own = os.path.join(self.directory, f"monitor-{os.getpid()}.npz") if self.directory else None
+        w = self.w.merged(sorted(set(glob.glob(os.path.join(self.directory, "monitor-*.npz"))) - {own}), self.max_age_s, with_self=True) if self.directory else self.w
         for name, values in w.gauges().items():
             help_, labels = _HELP[name]
             g = GaugeMetricFamily(f"mlpay_{name}", help_, labels=[*labels, "model_version"])
