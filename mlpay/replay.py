@@ -62,7 +62,7 @@ class Client:
         return [{"name": s.name, **s.labels, "value": s.value} for f in text_string_to_metric_families(data.decode())
                 for s in f.samples if s.name in GAUGES]
 
-# %% ../nbs/63_replay.ipynb #cbf4330a
+# %% ../nbs/63_replay.ipynb #542ebbb0
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +78,9 @@ def serving(model: Path | str, # the model package
     "A running `mlpay-serve` for the block; its URL."
     port, log = free_port(), tempfile.TemporaryFile("w+")
     cmd = [str(Path(sys.executable).parent / server), "--model", str(model), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "MLPAY_API_KEY": key, **{k: str(v) for k, v in env.items()}},
+    # configured by `env` alone: no MLPAY_* setting or Prometheus multiprocess directory inherited from this process
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLPAY_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen(cmd, env={**inherited, "MLPAY_API_KEY": key, **{k: str(v) for k, v in env.items()}},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         t0 = time.time()
