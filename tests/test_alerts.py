@@ -70,13 +70,13 @@ def test_check_names_the_stale_files(tmp_path):
     run("mlpay-alerts", *where, "--check", cwd=ROOT)
     rules_yml = tmp_path / "monitoring" / "rules.yml"
     assert rules_yml.read_text() == RULES.read_text()
-    rules_yml.write_text(rules_yml.read_text().replace("> 0.25", "> 0.5"))
+    rules_yml.write_text(rules_yml.read_text().replace("> 0.1", "> 0.5"))
     (tmp_path / "monitoring" / "dashboard.json").unlink()
     proc = run("mlpay-alerts", *where, "--check", cwd=ROOT, check=False)
     assert proc.returncode == 1
     assert "rules.yml" in proc.stderr and "dashboard.json" in proc.stderr and "prometheusrule.yaml" not in proc.stderr
     diff = proc.stdout.splitlines()  # a unified diff of the file on disk against what conf/ generates
-    assert any(d.startswith("-") and "> 0.5" in d for d in diff) and any(d.startswith("+") and "> 0.25" in d for d in diff)
+    assert any(d.startswith("-") and "> 0.5" in d for d in diff) and any(d.startswith("+") and "> 0.1" in d for d in diff)
 
 
 def test_generated_files_say_so():
