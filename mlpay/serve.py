@@ -7,12 +7,13 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'PROTECTED', 'REQUESTS', 'ServeSett
            'PredictRequest', 'Label', 'FeedbackRequest', 'open_state', 'every', 'StateOwner', 'FraudAPI',
            'EdgeMiddleware', 'serving_device', 'build_app', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/52_serve.ipynb #fb51c1fa
+# %% ../nbs/52_serve.ipynb #a1b068cc
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
 import gc
 import hmac
+import logging
 import math
 import os
 import re
@@ -161,7 +162,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     labels: list[Label] = Field(min_length=1, max_length=MAX_TRANSACTIONS)
 
-# %% ../nbs/52_serve.ipynb #3b5f399f
+# %% ../nbs/52_serve.ipynb #dfc5c25f
 def open_state(settings: ServeSettings, # the server's settings
                registry, # the package's feature registry (`contract`)
                n_history: int, # the package's history steps
@@ -182,11 +183,12 @@ def open_state(settings: ServeSettings, # the server's settings
     return online, snap
 
 def every(seconds: float, fn) -> threading.Thread:
-    "Call `fn` every `seconds` in a daemon thread."
+    "Call `fn` every `seconds` in a daemon thread; a call that fails is logged, and the next one still comes."
     def loop():
         while True:
             time.sleep(seconds)
-            fn()
+            try: fn()
+            except Exception: logging.getLogger("mlpay.serve").exception("%s failed (retried in %s s)", getattr(fn, "__name__", fn), seconds)
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     return t
