@@ -90,9 +90,13 @@ bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, 
 lock: $(STAMP) ## re-lock the serving images' dependencies (containers/*/requirements.lock) after changing a requirements.txt
 	python containers/lock.py
 
+audit: $(STAMP) ## pip-audit the serving images' locks against PyPI's advisories: fail on a known vulnerability not in containers/audit-accept.toml (needs PyPI's JSON API; CI elsewhere)
+	python tools/audit.py
+	pytest tests/test_audit.py -m network
+
 lint: $(STAMP) check-ruff check-nbs check-readme ## ruff, then the nbdev checks (notebooks clean and exported, README.md current)
 
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc _docs
 
-.PHONY: help install params data pipeline serve system-deps test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock lint clean
+.PHONY: help install params data pipeline serve system-deps test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock audit lint clean

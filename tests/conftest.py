@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root, a tiny composed configuration, a tiny model package, a real Redis server."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,50 @@ def tiny_data(tiny_params, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "transactions.parquet"
     run("mlpay-simulate", "--params", tiny_params, "--out", out)
     return out
+
+
+class RedisProcess:
+    "A redis-server of a test's own on a free loopback port, to stop, pause and start again (persistence: an RDB file on stop)."
+    def __init__(self, directory: Path):
+        self.exe, self.dir = shutil.which("redis-server"), directory
+        if self.exe is None: pytest.skip("redis-server is not installed (make system-deps installs it)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url, self.proc = f"redis://127.0.0.1:{self.port}/0", None
+        self.start()
+
+    def start(self):
+        import redis
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try: client.ping(); client.close(); return self
+            except redis.ConnectionError: time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        "Shut down, saving the data set (as a Redis with persistence would keep it), like `redis-cli shutdown save`."
+        import redis
+        try: redis.Redis(port=self.port).shutdown(save=True)
+        except redis.ConnectionError: pass
+        self.proc.wait(10)
+
+    def pause(self): os.kill(self.proc.pid, signal.SIGSTOP)
+    def resume(self): os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.resume(); self.proc.kill(); self.proc.wait()
+
+
+@pytest.fixture
+def redis_process(tmp_path):
+    "A redis-server for one test, which the test may stop, pause and restart."
+    r = RedisProcess(tmp_path)
+    yield r
+    r.kill()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """mlpay-serve over real HTTP: the in-process state survives a restart; Redis shares state between processes."""
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import urllib.request
 
 import polars as pl
 import pytest
+import redis
 
 from conftest import BIN
 
@@ -114,3 +116,59 @@ def test_no_api_key_no_server(package):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLPAY_")}
     proc = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(package / "model")], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode != 0 and "MLPAY_API_KEY" in proc.stderr
+
+
+def get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r: return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
+
+
+def test_redis_down_answers_with_stand_in_decisions_then_catches_up(package, redis_process):
+    "Redis stopped while serving: every authorization still answered (stand-in, flagged), labels refused for a retry; Redis back: the state gets what was answered."
+    s = Server(package / "model", MLPAY_REDIS_URL=redis_process.url, MLPAY_WARM_FROM=package / "history.parquet")
+    card = f"mlpay:card:{TX['customer_id']}"
+    try:
+        assert json.loads(post(s.port, "/predict", TX)[1])["degraded"] is False
+        before = redis.Redis(port=redis_process.port).zcard(card)
+        redis_process.stop()  # saving its data set, as a Redis with persistence keeps it
+        during = [{**TX, "transaction_id": 20_000_100 + i, "tx_datetime": f"2018-08-30T12:0{i + 1}:00"} for i in range(5)]
+        answers = [post(s.port, "/predict", t) for t in during]
+        assert [a[0] for a in answers] == [200] * 5, answers
+        assert {(json.loads(b)["degraded"], json.loads(b)["reasons"][0]["code"], json.loads(b)["score"]) for _, b in answers} == {(True, "STATE_UNAVAILABLE", None)}
+        health, ready = get(s.port, "/health"), get(s.port, "/ready")
+        assert health[0] == 200 and health[1]["status"] == "degraded" and health[1]["state"]["backlog"] == 5, health
+        assert ready[0] == 503 and ready[1]["ready"] is False, ready
+        status, body = post(s.port, "/feedback", {"labels": [{"transaction_id": TX["transaction_id"], "fraud": True}]})
+        assert status == 503 and "retry" in body, body
+        redis_process.start()
+        for _ in range(100):
+            if get(s.port, "/ready")[0] == 200: break
+            time.sleep(0.1)
+        assert get(s.port, "/ready")[0] == 200 and get(s.port, "/health")[1]["state"]["backlog_written"] == 5
+        assert redis.Redis(port=redis_process.port).zcard(card) == before + 5  # no velocity lost
+        assert {post(s.port, "/predict", {**t, "tx_amount": 1.0})[0] for t in during} == {409}  # the state knows them
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics", timeout=10).read().decode()
+        assert 'mlpay_standin_total{reason="STATE_UNAVAILABLE"} 5.0' in metrics, metrics[-2000:]
+    finally: s.stop()
+    log = s.proc.stdout.read()
+    assert "stand-in decisions" in log and "available again" in log, log[-3000:]  # the degraded mode is logged, in and out
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal (before)"])
+def test_a_crash_loses_no_answered_transaction(package, tmp_path, journal):
+    "kill -9 after answering, then a restart: with the journal every answered transaction is in the state (a changed retry: 409)."
+    env = dict(MLPAY_STATE_DIR=tmp_path / "state", MLPAY_WARM_FROM=package / "history.parquet", MLPAY_SNAPSHOT_EVERY_S=3600, MLPAY_JOURNAL=str(journal).lower())
+    s = Server(package / "model", **env)
+    txs = [{**TX, "transaction_id": 20_000_200 + i, "customer_id": 7 + i % 3, "tx_datetime": f"2018-08-30T13:{i:02d}:00"} for i in range(40)]
+    try:
+        assert [post(s.port, "/predict", t)[0] for t in txs[:10]] == [200] * 10
+        assert post(s.port, "/predict", {"transactions": txs[10:]})[0] == 200
+        assert post(s.port, "/feedback", {"labels": [{"transaction_id": txs[0]["transaction_id"], "fraud": True}]})[0] == 200
+    finally:
+        os.killpg(s.proc.pid, signal.SIGKILL); s.proc.wait(10)
+    assert not (tmp_path / "state" / "online-state.npz").exists()  # no snapshot: only the journal can bring them back
+    s = Server(package / "model", **env)
+    try: statuses = [post(s.port, "/predict", {**t, "tx_amount": 1.0})[0] for t in txs]
+    finally: s.stop()
+    assert statuses == ([409] * 40 if journal else [200] * 40), statuses

@@ -7,6 +7,7 @@ processes on one state, key expiry, connection errors) follows at the end.
 import itertools
 import socket
 import threading
+import time
 from dataclasses import replace
 from datetime import date, datetime, timedelta
 
@@ -17,7 +18,7 @@ import pytest
 from conftest import ROOT
 from mlpay.config import compose
 from mlpay.features import compute_features
-from mlpay.online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore
+from mlpay.online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore, StateUnavailable, parse_tx
 from mlpay.registry import FeatureRegistry
 from mlpay.sequences import history_index, history_steps
 from mlpay.simulate import simulate
@@ -209,3 +210,35 @@ def test_redis_misconfiguration(redis_url):
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     with pytest.raises(ConnectionError, match="cannot reach Redis"): RedisStore(f"redis://127.0.0.1:{free}/0")
+
+
+def test_record_all_is_record_in_order(stores):
+    "What a backlog or a journal writes back: each transaction recorded in order; late and changed ones counted, not raised."
+    a, b = OnlineFeatures(REG, 8, stores(), **RET), OnlineFeatures(REG, 8, MemoryStore(), **RET)
+    xs = [parse_tx(req(i, f"2018-04-01 1{i}:00:00", card=i % 2)) for i in range(6)]
+    for x in xs: b.store.record(x)
+    changed = parse_tx(req(0, "2018-04-01 10:00:00", amount=99.0))
+    late = parse_tx(req(50, "2018-03-01 10:00:00"))
+    assert a.store.record_all(xs + [xs[0], changed, late]) == 2  # a plain retry is fine
+    probe = req(60, "2018-04-01 18:00:00", card=1)
+    assert np.array_equal(a.score(probe)[0], b.score(probe)[0])
+
+
+def test_a_redis_that_fails_is_state_unavailable(redis_process):
+    "Down, paused (slow) or answering nonsense: StateUnavailable within the timeout, never a wrong feature; and back when Redis is."
+    o = OnlineFeatures(REG, 8, RedisStore(redis_process.url, timeout_s=0.05), **RET)
+    o.score(req(1, "2018-04-01 10:00:00"))
+    redis_process.pause()
+    t0 = time.perf_counter()
+    with pytest.raises(StateUnavailable, match="TimeoutError"): o.score(req(2, "2018-04-01 10:01:00"))
+    assert time.perf_counter() - t0 < 1.0 and not o.store.ping()
+    redis_process.resume()
+    assert o.store.ping()
+    redis_process.stop()
+    for call in (lambda: o.score(req(3, "2018-04-01 10:02:00")), lambda: o.feedback(1, True),
+                 lambda: o.store.record_all([parse_tx(req(4, "2018-04-01 10:03:00"))])):
+        with pytest.raises(StateUnavailable, match="Redis unavailable"): call()
+    redis_process.start()  # the saved data set is back: the first transaction is known
+    with pytest.raises(ValueError, match="different contents"): o.score(req(1, "2018-04-01 10:00:00", amount=1.0))
+    o.store._record = lambda keys, args: [b"", b"not,numbers", b"", b""]  # an answer that does not parse
+    with pytest.raises(StateUnavailable, match="does not parse"): o.score(req(5, "2018-04-01 10:04:00"))
