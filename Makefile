@@ -83,6 +83,9 @@ bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/
 	python bench/decisions.py
 	python bench/serve.py
 	python bench/monitoring.py
+	python bench/journal.py
+	python bench/resilience.py
+	python bench/fuzz.py
 
 bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, bf16 DDP training); CPU half without a GPU
 	python bench/gpu.py

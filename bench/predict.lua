@@ -1,8 +1,12 @@
 -- wrk script: a fresh authorization per request (new transaction id, random card, terminal and amount).
--- Set by bench/serve.py: MLPAY_KEY, MLPAY_ID_BASE (first transaction id), and optionally MLPAY_BATCH (transactions per request).
+-- Set by bench/serve.py: MLPAY_KEY, MLPAY_ID_BASE (first transaction id), optionally MLPAY_BATCH (transactions per request)
+-- and MLPAY_DEADLINE_MS.
 local key = os.getenv("MLPAY_KEY")
 local batch = tonumber(os.getenv("MLPAY_BATCH") or "1")
 local id_base = tonumber(os.getenv("MLPAY_ID_BASE") or "100000000")  -- a fresh range per wrk run: no request repeats an earlier one
+-- MLPAY_DEADLINE_MS: the X-Deadline-Ms sent (bench/serve.py measures capacity, so it grants a second; bench/resilience.py sheds)
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key}
+if os.getenv("MLPAY_DEADLINE_MS") then headers["X-Deadline-Ms"] = os.getenv("MLPAY_DEADLINE_MS") end
 local counter = 0
 local thread_id = 0
 local threads = {}
@@ -28,7 +32,7 @@ function request()
     for i = 1, batch do parts[i] = tx() end
     body = '{"transactions":[' .. table.concat(parts, ",") .. ']}'
   end
-  return wrk.format("POST", "/predict", {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key}, body)
+  return wrk.format("POST", "/predict", headers, body)
 end
 
 function done(summary, latency, requests)

@@ -45,7 +45,8 @@ RUNS = iter(range(1, 1000))
 
 def wrk(port, script, duration, connections=16, env=None):
     "Run wrk; return its RESULT line as a dict. Each run sends transaction ids of its own (no retries of earlier runs)."
-    env = {**(env or {}), "MLPAY_ID_BASE": str(next(RUNS) * 10**9)}  # < 10^12: ids never look like card numbers
+    # < 10^12: ids never look like card numbers; a second's deadline: this measures capacity (bench/resilience.py: shedding)
+    env = {"MLPAY_DEADLINE_MS": "1000", **(env or {}), "MLPAY_ID_BASE": str(next(RUNS) * 10**9)}
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / script),
                           f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True, env={**os.environ, **(env or {})})
     m = re.search(r"RESULT (.*)", out.stdout)

@@ -102,7 +102,7 @@ def check_alarms(monitor_cfg, # conf/monitor: `windows` and `alarms`
                   flagged_ratio=_number(a, "flagged_ratio", 1), error_rate=_number(a, "error_rate", 0, 1),
                   latency_p99_s=_number(a, "latency_p99_s", 0), for_=for_)
 
-# %% ../nbs/62_alerts.ipynb #bcf7cf3d
+# %% ../nbs/62_alerts.ipynb #38bf2e9f
 def _num(x: float) -> str:
     "A threshold as PromQL writes it: 2000, 0.25, 0.5."
     return str(int(x)) if float(x).is_integer() else repr(float(x))
@@ -159,14 +159,21 @@ def alert_rules(monitor_cfg, # conf/monitor: `windows` and `alarms`
     serving = [
         _alert("MlpayHighErrorRate", f"mlpay:request_errors:ratio_rate5m > {_num(a.error_rate)}", "page",
                "{{ $value | humanizePercentage }} of mlpay requests answered 5xx over 5m (job {{ $labels.job }})",
-               f"Above the error_rate alarm ({_num(a.error_rate)}). 503s are overload refusals (the in-flight cap): "
-               "add replicas or check the HorizontalPodAutoscaler. 500s are server errors: read the pods' logs, check "
+               f"Above the error_rate alarm ({_num(a.error_rate)}). 503s are overload refusals (requests the server could "
+               "not answer within their deadline, MLPAY_DEADLINE_MS): add replicas or check the HorizontalPodAutoscaler. "
+               "500s are server errors: read the pods' logs, check "
                "Redis (the online state) and the model package of the last rollout; roll back if a release started it.",
                a.for_),
         _alert("MlpayHighLatencyP99", f"mlpay:predict_latency_seconds:p99_rate5m > {_num(a.latency_p99_s)}", "page",
                "p99 latency of /predict is {{ $value | humanizeDuration }} over 5m (job {{ $labels.job }})",
                f"Above the latency_p99_s alarm ({_num(a.latency_p99_s)}s). Check CPU throttling and the replica count "
                "(HPA), Redis latency, and whether a new model or variant is slower (bench/serve.py).", a.for_),
+        _alert("MlpayStandIn", "sum by (namespace, job, instance, reason) (increase(mlpay_standin_total[5m])) > 0", "page",
+               "{{ $labels.instance }} answered {{ $value | humanize }} authorizations with stand-in decisions ({{ $labels.reason }}) in 5m",
+               "Stand-in decisions come from the amount alone (the package's stand-in policy): most of the fraud the model "
+               "catches passes. STATE_UNAVAILABLE: the online state (Redis) is down or slower than MLPAY_STATE_TIMEOUT_S; "
+               "the server writes what it answered into it once it is back (/health: state). MODEL_UNAVAILABLE: the "
+               "model fails at run time: read the pods' logs; roll back if a release started it. Fires at once.", None),
         _alert("MlpayDecisionLogDropping", "increase(mlpay_decision_log_dropped_total[10m]) > 0", "page",
                "{{ $labels.instance }} dropped {{ $value | humanize }} decision-log records ({{ $labels.reason }}) in 10m",
                "Dropped records are lost: no audit trail for those decisions and no label to join them with, which "
@@ -212,7 +219,7 @@ def metric_names(expr: str, # a PromQL expression
     words = re.findall(r"(?<![\w:.])[a-zA-Z_:][\w:]*(?![\w:]|\s*\()", e)
     return set(words) - {"and", "or", "unless", "bool", "offset", "group_left", "group_right", "inf", "nan"}
 
-# %% ../nbs/62_alerts.ipynb #8ae221eb
+# %% ../nbs/62_alerts.ipynb #b859dc2c
 _DS = {"type": "prometheus", "uid": "${datasource}"}
 _MV = 'model_version=~"$model_version"'
 
@@ -289,6 +296,12 @@ def dashboard(monitor_cfg, # conf/monitor: `windows` and `alarms`
             perf("cost_per_transaction", "short", "Estimated vs reference cost per transaction"),
             _panel("Transactions in the windows", [(f"mlpay_window_transactions{{{_MV}}}", "{{window}} {{model_version}} {{instance}}")],
                    threshold=a.min_transactions, description=f"The model alarms wait for {a.min_transactions} transactions in the {w} window."),
+        ]),
+        ("Stand-in and shedding", [
+            _panel("Stand-in decisions", [(f"sum by (reason) (rate(mlpay_standin_total[{rate}]))", "{{reason}}")], "ops",
+                   threshold=0, description="Authorizations answered from the amount alone: the state or the model was unavailable (the MlpayStandIn alert)."),
+            _panel("Requests refused at the edge", [(f"sum by (reason) (rate(mlpay_rejected_total[{rate}]))", "{{reason}}")], "ops",
+                   description="overload and late: not answerable within their deadline (503, Retry-After); auth, too_large, bad_deadline: bad requests."),
         ]),
         ("Decision log", [
             _panel("Decision-log records", [(f"sum by (kind) (rate(mlpay_decision_log_records_total[{rate}]))", "{{kind}}")], "ops"),

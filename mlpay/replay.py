@@ -32,7 +32,7 @@ from .report import alarms
 __all__ = ['GAUGES', 'Client', 'free_port', 'serving', 'batches', 'matured_labels', 'replay', 'alarms_over_time',
            'replay_scenario', 'first_alarms', 'replay_package', 'main']
 
-# %% ../nbs/63_replay.ipynb #0f70edaf
+# %% ../nbs/63_replay.ipynb #2d5f86b3
 GAUGES = ("mlpay_feature_psi", "mlpay_feature_ks", "mlpay_window_transactions", "mlpay_decision_share", "mlpay_estimated_performance")
 
 class Client:
@@ -42,7 +42,8 @@ class Client:
                  timeout: float = 60.0):
         u = urlsplit(url)
         self.conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
-        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        # an offline replay waits as long as its timeout: the server's default deadline is an authorization's
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "X-Deadline-Ms": str(timeout * 1e3)}
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
         self.conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=self.headers)

@@ -27,9 +27,9 @@ CONTRACT = {
     "mlpay_requests_total", "mlpay_request_seconds_bucket", "mlpay_request_seconds_sum", "mlpay_request_seconds_count",
     "mlpay_decisions_total", "mlpay_rejected_total", "mlpay_feature_psi", "mlpay_feature_ks", "mlpay_window_transactions",
     "mlpay_decision_share", "mlpay_decision_share_reference", "mlpay_estimated_performance",
-    "mlpay_reference_performance", "mlpay_decision_log_records_total", "mlpay_decision_log_dropped_total",
+    "mlpay_reference_performance", "mlpay_decision_log_records_total", "mlpay_decision_log_dropped_total", "mlpay_standin_total",
 }
-ALERTS = {"MlpayHighErrorRate", "MlpayHighLatencyP99", "MlpayDecisionLogDropping", "MlpayFeatureDriftPSI",
+ALERTS = {"MlpayHighErrorRate", "MlpayHighLatencyP99", "MlpayStandIn", "MlpayDecisionLogDropping", "MlpayFeatureDriftPSI",
           "MlpayFeatureDriftKS", "MlpayScoreDriftPSI", "MlpayScoreDriftKS", "MlpayEstimatedPrecisionDrop",
           "MlpayDecisionMixChange"}
 
@@ -127,7 +127,7 @@ def test_rules_read_the_configuration():
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"page", "ticket"}, name
         assert "$value" in rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 40, name
-        assert rule.get("for") == (None if name == "MlpayDecisionLogDropping" else a["for"]), name
+        assert rule.get("for") == (None if name in ("MlpayDecisionLogDropping", "MlpayStandIn") else a["for"]), name
 
 
 # ---- promtool --------------------------------------------------------------------------------------------------
