@@ -521,11 +521,11 @@ class MemoryStore:
                     "terminal_entries": sum(len(v) for v in t.times.values()),
                     "frauds": sum(len(f) for f in t.frauds.values()), "cards": len(c), "terminals": len(t.times)}
 
-# %% ../nbs/50_online.ipynb #d8638608
+# %% ../nbs/50_online.ipynb #53db3d8e
 _RECORD = """
 -- KEYS: card, terminal, fraud, tx bucket, watermark
 -- ARGV: id, t, card member, payload, card cut, terminal cut, n_history, view lo, view hi, lateness,
---       card ttl (0: persist), terminal ttl, tx ttl
+--       card ttl (0: persist), terminal ttl, tx ttl, view ('0': record only, as a backlog written back needs)
 local wm = redis.call('GET', KEYS[5])
 if wm and tonumber(ARGV[2]) < tonumber(wm) - tonumber(ARGV[10]) then return redis.error_reply('LATE ' .. wm) end
 local prev = redis.call('HGET', KEYS[4], ARGV[1])
@@ -543,6 +543,7 @@ if not prev then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
   prev = ''
 end
+if ARGV[14] == '0' then return {prev} end
 local function times(r) for i = 1, #r do r[i] = string.match(r[i], '^[^:]+') end return table.concat(r, ',') end
 return {prev, table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ','),
         times(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[8], ARGV[9])),
@@ -571,6 +572,8 @@ class RedisStore:
         # No retries inside a request: redis-py's default (10, with backoff) turns a Redis outage into seconds per
         # request; the server answers with a stand-in decision at once and probes the store on its own.
         self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+        # bulk writes (warming, a backlog written back) take longer than one request may: their own client and timeout
+        self.bulk = redis.Redis.from_url(url, socket_timeout=None if timeout_s is None else max(30.0, timeout_s), retry=Retry(NoBackoff(), 0))
         self.prefix, self.keep = prefix, None
         try: self.redis.ping()
         except redis.RedisError as e: raise ConnectionError(f"cannot reach Redis at {url}: {e}") from None
@@ -597,7 +600,7 @@ class RedisStore:
         "Add `x` unless its id is known and return its view, atomically (one Lua script); `StateUnavailable` when Redis cannot."
         keep = self.keep
         keys, args, payload = self._keys_args(x)
-        try: return self._view(x, payload, self._record(keys=keys, args=args))
+        try: return self._view(x, payload, self._record(keys=keys, args=args + [1]))
         except self._error as e:
             if str(e).startswith("LATE"): raise _late(x, int(str(e).split()[1]), keep) from None
             raise StateUnavailable(f"Redis refused the record script: {type(e).__name__}") from None
@@ -631,16 +634,14 @@ class RedisStore:
         refused = 0
         try:
             for at in range(0, len(xs), chunk):
-                pipe = self.redis.pipeline(transaction=False)
+                pipe = self.bulk.pipeline(transaction=False)
                 jobs = [(x, *self._keys_args(x)) for x in xs[at:at + chunk]]
-                for _, keys, args, _ in jobs: self._record(keys=keys, args=args, client=pipe)
+                for _, keys, args, _ in jobs: self._record(keys=keys, args=args + [0], client=pipe)  # no views: writes only
                 for (x, _, _, payload), reply in zip(jobs, pipe.execute(raise_on_error=False)):
                     if isinstance(reply, Exception):
                         if not str(reply).startswith("LATE"): raise StateUnavailable(f"Redis refused the record script: {type(reply).__name__}")
                         refused += 1
-                    else:
-                        try: self._view(x, payload, reply)
-                        except ValueError: refused += 1  # StateUnavailable is no ValueError: it propagates
+                    elif reply[0] and reply[0].decode() != payload: refused += 1  # known with other contents
         except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
         return refused
 
@@ -674,7 +675,7 @@ class RedisStore:
                 ("term", txs["terminal"], txs["member"], txs["t"], "zadd", term_ttl),
                 ("fraud", frauds["terminal"], frauds["member"], frauds["t"], "zadd", term_ttl),
                 ("tx", txs["bucket"], txs["id"].cast(pl.String), txs["payload"], "hset", term_ttl)]
-        pipe, n = self.redis.pipeline(transaction=False), 0
+        pipe, n = self.bulk.pipeline(transaction=False), 0
         for kind, keys, fields, values, op, ttl in jobs:
             order = np.argsort(keys.to_numpy(), kind="stable")
             k, f, v = keys.to_numpy()[order], fields.to_numpy()[order].tolist(), values.to_numpy()[order].tolist()
@@ -687,7 +688,7 @@ class RedisStore:
                 n += 1
                 if n % chunk == 0: pipe.execute()
         pipe.execute()
-        self._max(keys=[f"{self.prefix}:watermark"], args=[int(tables.watermark)])
+        self._max(keys=[f"{self.prefix}:watermark"], args=[int(tables.watermark)], client=self.bulk)
 
 # %% ../nbs/50_online.ipynb #a1ded8d5
 class OnlineFeatures:

@@ -61,7 +61,7 @@ class Item:
     error: tuple[int, str] | None = None # (HTTP status, message) of a request the state refused
     standin: str | None = None # the stand-in reason code when the model's answer could not be given (STATE_UNAVAILABLE, MODEL_UNAVAILABLE)
 
-# %% ../nbs/51_scorer.ipynb #1af57938
+# %% ../nbs/51_scorer.ipynb #5caac013
 def scrub(e: BaseException) -> str:
     "An exception as text for a log: its type and message, digit runs masked (a card token must not reach a log)."
     return f"{type(e).__name__}: {re.sub(r'[0-9]{6,}', '<digits>', str(e))}"
@@ -153,23 +153,22 @@ class Scorer:
         log.error("online state unavailable (%s): answering with stand-in decisions until it is back\n%s", scrub(e), bug)
         threading.Thread(target=self._recover, daemon=True, name="mlpay-state-recovery").start()
 
-    def _recover(self, chunk: int = 1000, last: int = 64) -> None:
-        "Probe the state until it answers; write the backlog into it in order (all but the last few outside the lock), then leave the degraded mode."
-        while True:
-            time.sleep(self.probe_every_s)
-            if not self.online.store.ping(): continue
-            try:
-                while len(self.backlog) > last: self._flush(min(chunk, len(self.backlog) - last))
-                with self.lock:
-                    self._flush(len(self.backlog))
-                    since, self.state_down = self.state_down, None
-            except Exception as e:
-                log.warning("the online state answers but writing the backlog failed (%s): retrying", scrub(e))
-                continue
-            c = self.counts
-            log.warning("online state available again after %.1f s: %d transactions written from the backlog (%d refused as late or changed, %d lost to its bound)",
-                        time.time() - since, c["backlog_written"], c["backlog_refused"], c["backlog_lost"])
-            return
+    def _recover(self, chunk: int = 64, # small writes: a large pipeline holds Redis past the requests' timeout
+                 pause_s: float = 0.002) -> None:
+        "Probe the state until it answers; then score with it again at once, and write the backlog into it behind the requests."
+        while not self.online.store.ping(): time.sleep(self.probe_every_s)
+        # The model on a state that lacks the last seconds beats the amount alone: scoring resumes now, and a card
+        # in the backlog reads a little low until its transactions are written (seconds), never lost.
+        with self.lock: since, self.state_down = self.state_down, None
+        log.warning("online state available again after %.1f s: scoring with it; writing the %d transactions answered meanwhile", time.time() - since, len(self.backlog))
+        while self.backlog:
+            try: self._flush(min(chunk, len(self.backlog)))
+            except Exception as e:  # down again: a new episode, whose recovery writes the rest
+                with self.lock: self._state_lost(e)
+                return
+            time.sleep(pause_s)  # the GIL back to the requests: writing the backlog must not slow them
+        c = self.counts
+        log.warning("backlog written: %d transactions (%d refused as late or changed, %d lost to its bound)", c["backlog_written"], c["backlog_refused"], c["backlog_lost"])
 
     def _flush(self, n: int) -> None:
         "Write the backlog's oldest `n` transactions into the state; on failure they go back in front."

@@ -142,8 +142,8 @@ def test_redis_down_answers_with_stand_in_decisions_then_catches_up(package, red
         status, body = post(s.port, "/feedback", {"labels": [{"transaction_id": TX["transaction_id"], "fraud": True}]})
         assert status == 503 and "retry" in body, body
         redis_process.start()
-        for _ in range(100):
-            if get(s.port, "/ready")[0] == 200: break
+        for _ in range(100):  # scoring resumes once Redis answers; the backlog is written behind it
+            if get(s.port, "/ready")[0] == 200 and get(s.port, "/health")[1]["state"]["backlog"] == 0: break
             time.sleep(0.1)
         assert get(s.port, "/ready")[0] == 200 and get(s.port, "/health")[1]["state"]["backlog_written"] == 5
         assert redis.Redis(port=redis_process.port).zcard(card) == before + 5  # no velocity lost
@@ -152,7 +152,7 @@ def test_redis_down_answers_with_stand_in_decisions_then_catches_up(package, red
         assert 'mlpay_standin_total{reason="STATE_UNAVAILABLE"} 5.0' in metrics, metrics[-2000:]
     finally: s.stop()
     log = s.proc.stdout.read()
-    assert "stand-in decisions" in log and "available again" in log, log[-3000:]  # the degraded mode is logged, in and out
+    assert "stand-in decisions" in log and "available again" in log and "backlog written" in log, log[-3000:]  # logged, in and out
 
 
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal (before)"])
