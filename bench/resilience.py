@@ -106,7 +106,10 @@ def redis_outage(checkout, model, warm, port):
         normal = [a[3] for a in answered if a[3] > events["up"] and b'"degraded":true' not in a[2]]
         # every answered transaction in Redis afterwards (the backlog written back, or scored there)
         pipe = client.pipeline(transaction=False)
-        time.sleep(5)  # the backlog is written behind the requests
+        for _ in range(600):  # the backlog is written behind the requests: until /health says it is (the server before has none)
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5); c.request("GET", "/health")
+            if not json.loads(c.getresponse().read()).get("state", {}).get("backlog"): break
+            time.sleep(0.1)
         for a in answered: pipe.hexists(f"mlpay:tx:{a[0] >> 16}", str(a[0]))
         missing = len(answered) - sum(pipe.execute())
     finally:
