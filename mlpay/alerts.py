@@ -25,7 +25,7 @@ from .files import atomic_path
 __all__ = ['METRICS', 'FLAGGED', 'Alarms', 'check_alarms', 'alert_rules', 'metric_names', 'dashboard', 'prometheus_rule',
            'render', 'stale', 'main']
 
-# %% ../nbs/62_alerts.ipynb #29533e63
+# %% ../nbs/62_alerts.ipynb #491ac058
 METRICS = {
     "mlpay_requests_total": ("path", "status"),
     "mlpay_request_seconds_bucket": ("path", "le"),
@@ -33,6 +33,7 @@ METRICS = {
     "mlpay_request_seconds_count": ("path",),
     "mlpay_decisions_total": ("decision",),
     "mlpay_rejected_total": ("reason",),
+    "mlpay_standin_total": ("reason",),
     "mlpay_feature_psi": ("feature", "window", "model_version"),
     "mlpay_feature_ks": ("feature", "window", "model_version"),
     "mlpay_window_transactions": ("window", "model_version"),
