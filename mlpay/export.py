@@ -319,7 +319,7 @@ def _concat(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray] | None) -> 
     "The rows of `a`, then those of `b`."
     return dict(a) if b is None else {k: np.concatenate([a[k], b[k]]) for k in a}
 
-# %% ../nbs/43_export.ipynb #c6fa1170
+# %% ../nbs/43_export.ipynb #0e105de9
 def write_package(train_dir: Path | str, # the train stage's output: model.pt, model.json, predictions.parquet, decision.json
                   out_dir: Path | str, # the package directory (replaced atomically)
                   feats: pl.DataFrame | Path | str, # the features (frame or parquet): the validation and test rows
@@ -345,6 +345,8 @@ def write_package(train_dir: Path | str, # the train stage's output: model.pt, m
         model = export_onnx(net, info, tmp / "model.onnx", int(ex["opset"]))
         session = onnx_session(model, ["CPUExecutionProvider"])
         diff = check_parity(net, info, session, real, float(ex["parity_tol"]))
+        probe = _every(real, 16)  # real rows with PyTorch's scores: the server checks its runtime reproduces them (`Package.check_parity`)
+        probe = {"inputs": {k: v.tolist() for k, v in probe.items()}, "scores": predict(net, probe).tolist(), "tol": float(ex["parity_tol"])}
         faithful = measure_faithfulness(explainer, session, rows["test"], val[0], cfg["reasons"]["faithfulness"])
         monitoring = reference_profile(session, decision, registry, info["columns"], val, _amounts(train_dir, feats, "val"), cfg["monitor"])
         sample = _concat(random_inputs(net, info, 1000, seed=2), _every(real, 2000))
@@ -369,7 +371,7 @@ def write_package(train_dir: Path | str, # the train stage's output: model.pt, m
             "standin": standin,  # the policy from the amount alone, for when the online state or the model is unavailable
             "training": {"window": info.get("window"), "summary": info.get("summary"),
                          "data_sha256": sha256(data_path) if data_path else None},
-            "metrics": metrics, "parity_max_abs_diff": diff, "test_rows": len(y),
+            "metrics": metrics, "parity_max_abs_diff": diff, "probe": probe, "test_rows": len(y),
             "variants": extra,
             "files": {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.name != "manifest.json"},
         })

@@ -7,9 +7,9 @@ __all__ = ['MAX_TRANSACTIONS', 'MAX_AMOUNT', 'MAX_ID', 'LOCAL_DATETIME', 'LocalD
            'ServeSettings', 'looks_like_pan', 'Transaction', 'Batch', 'PredictRequest', 'Label', 'FeedbackRequest',
            'open_state', 'every', 'StateOwner', 'FraudAPI', 'EdgeMiddleware', 'serving_device', 'Reason', 'Result',
            'Answer', 'BatchAnswer', 'FeedbackAnswer', 'Problem', 'Health', 'FieldProblem', 'Invalid', 'build_app',
-           'build_server', 'create_app', 'main']
+           'LineupChange', 'build_server', 'create_app', 'main']
 
-# %% ../nbs/52_serve.ipynb #c26b652b
+# %% ../nbs/52_serve.ipynb #1c5c292a
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request models from live annotations.
 import argparse
 import asyncio
@@ -33,7 +33,7 @@ import litserve as ls
 import onnxruntime as ort
 import orjson
 import uvicorn
-from fastapi import FastAPI, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
@@ -47,10 +47,12 @@ from .journal import Journal
 from .monitoring import MonitorCollector, Windows, monitor_of
 from .online import MemoryStore, OnlineFeatures, RedisStore
 from .package import load_package
+from .lineup import Guard, Lineup, state_gaps
+from .package import PackageError
 from .scorer import Item, Scorer, contract
 from .transactions import luhn_valid
 
-# %% ../nbs/52_serve.ipynb #951a17af
+# %% ../nbs/52_serve.ipynb #4a1730bc
 class ServeSettings(BaseSettings):
     "Server settings, read from `MLPAY_*` environment variables."
     model_config = SettingsConfigDict(env_prefix="MLPAY_", extra="ignore")
@@ -85,12 +87,28 @@ class ServeSettings(BaseSettings):
     decision_log_max_age_days: float = Field(90.0, gt=0) # ... or age (retention)
     monitor_dump_every_s: float = Field(5.0, gt=0) # with several processes, each writes its monitoring windows this often for /metrics to add up
     observe_every_s: float = Field(0.5, gt=0) # scored transactions reach the monitor and the decision log this often, in a batch (off the request's path)
+    shadow_model: Path | None = None # a second model package scored beside the champion on every transaction (`mlpay.lineup`), logged, never answering ...
+    challenger_share: float = Field(0.0, ge=0, le=1) # ... unless it decides this share of the cards (sticky by card token), as challenger
+    guard_window: int = Field(20_000, ge=1) # the challenger's decline and review rates are compared with the champion's over this many transactions ...
+    guard_max_ratio: float = Field(1.5, gt=1) # ... and it is switched back to shadow beyond this ratio either way ...
+    guard_min_flags: int = Field(30, ge=1) # ... once either model flagged this many in the window (fewer: no verdict)
+    admin_key: str | None = None # the admin key of /admin/lineup (hot swap), distinct from the API key (prefer admin_key_file); off when neither is set
+    admin_key_file: Path | None = None # a file holding the admin key (a mounted Kubernetes Secret)
 
     def key(self) -> str:
         "The API key; a server without one refuses to start."
         if self.api_key_file: k = self.api_key_file.read_text().strip()
         else: k = self.api_key or ""
         if len(k) < 16: raise ValueError("set MLPAY_API_KEY_FILE (or MLPAY_API_KEY) to a key of at least 16 characters")
+        return k
+
+    def admin(self) -> str | None:
+        "The admin key (None: the admin endpoint is off); refused when short or equal to the API key."
+        if self.admin_key_file: k = self.admin_key_file.read_text().strip()
+        elif self.admin_key is None: return None
+        else: k = self.admin_key
+        if len(k) < 16: raise ValueError("MLPAY_ADMIN_KEY_FILE (or MLPAY_ADMIN_KEY) must hold a key of at least 16 characters")
+        if hmac.compare_digest(k, self.key()): raise ValueError("the admin key must differ from the API key: whoever scores must not swap models")
         return k
 
     @model_validator(mode="after")
@@ -260,7 +278,7 @@ class StateOwner:
         self.snapshot()
         for close in self.closers: close()
 
-# %% ../nbs/52_serve.ipynb #27855926
+# %% ../nbs/52_serve.ipynb #b5798459
 def _monitor(manifest: dict) -> tuple[Windows | None, str]:
     "The package's monitoring windows, and what /health says of them."
     try: w = monitor_of(manifest)
@@ -285,9 +303,15 @@ class FraudAPI(ls.LitAPI):
         pkg = load_package(self.model_dir)  # refuses a package whose hashes do not match
         online, snapshot, journal = open_state(self.settings, *contract(pkg.manifest))
         cuda = str(device).startswith("cuda")
+        s = self.settings
         self.scorer = Scorer(pkg, online, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"],
-                             self.settings.ort_threads, self.settings.reasons, journal=journal, backlog=self.settings.standin_backlog)
+                             s.ort_threads, s.reasons, journal=journal, backlog=s.standin_backlog,
+                             shadow=load_package(s.shadow_model) if s.shadow_model else None, share=s.challenger_share,
+                             guard=Guard(s.guard_window, s.guard_max_ratio, s.guard_min_flags),
+                             on_demote=lambda rate: (_metrics()["demotions"].labels(rate).inc(), _lineup_metrics(self.scorer.lineup)))
+        _lineup_metrics(self.scorer.lineup)
         self.monitor, self.monitoring = _monitor(pkg.manifest)
+        self.monitored = self.scorer.lineup.champion  # the model the monitor's windows count
         self.decision_log = _decision_log(self.settings)
         self.pending, self.observing = deque(), threading.Lock()  # scored items waiting for `observe_pending`
         closers = [self.observe_pending]
@@ -302,7 +326,6 @@ class FraudAPI(ls.LitAPI):
             every(self.settings.monitor_dump_every_s, lambda: (self.observe_pending(), self.monitor.dump(dump)))
         if self.decision_log: closers.append(self.decision_log.close)
         if journal: closers.append(journal.close)
-        self.columns = [f"f.{c}" for c in pkg.manifest["columns"]]  # the decision log's feature columns
         self.owner = StateOwner(self.scorer, snapshot, self.settings.snapshot_every_s, tuple(closers))
         if self.settings.workers: self.owner.start(on_sigterm=True)  # in a LitServe worker, setup is the only hook there is
 
@@ -350,27 +373,33 @@ class FraudAPI(ls.LitAPI):
             for i in items:
                 if i.labels: self.decision_log.labels([t for t, _ in i.labels], [f for _, f in i.labels], i.labelled_at)
         rows = [i for i in items if i.ids]
-        if not rows: return
+        for champion in dict.fromkeys(i.lineup.champion for i in rows):  # one, but for the turn of a swap
+            self._observe(champion, [i for i in rows if i.lineup.champion is champion])
+        if seconds := [self.scorer.shadow_seconds.popleft() for _ in range(len(self.scorer.shadow_seconds))]:
+            h = _metrics()["shadow_seconds"]
+            for v in seconds: h.observe(v)
+
+    def _observe(self, champion, rows: list[Item]) -> None:
+        "`observe` of the rows a champion's lineup scored: its monitor, the shadow's agreement metrics, the decision log."
         txs = [tx for i in rows for tx in i.txs]
         t = np.array([tx["tx_datetime"] for tx in txs], "datetime64[us]")
-        cols = self.scorer.columns
+        cols = champion.columns
         x = np.concatenate([i.features[:, cols] if i.features is not None else np.full((len(i.ids), len(cols)), np.nan) for i in rows])
         score, prob = np.concatenate([i.scores for i in rows]), np.concatenate([i.probability for i in rows])
         amount = np.array([tx["tx_amount"] for tx in txs])
-        if self.monitor:  # drift and performance are the model's: stand-in answers are counted apart (mlpay_standin)
+        if self.monitor and champion is self.monitored:  # drift and performance are the model's: stand-in answers are counted apart (mlpay_standin)
             model = np.concatenate([np.full(len(i.ids), i.standin is None) for i in rows])
             if model.any(): self.monitor.observe(t[model].astype("datetime64[s]").astype(np.int64), x[model], score[model], prob[model], amount[model])
+        shadowed = any(i.shadow is not None for i in rows)
+        if shadowed: _shadow_metrics(rows)
         if self.decision_log:
-            attr = np.concatenate([i.attributions for i in rows])
-            reasons = [[r["code"] for r in rs] for rs in self.scorer.reasons(attr)]
-            standin = [i.standin for i in rows for _ in i.ids]
-            self.decision_log.decisions({
-                "transaction_id": np.array([tx["transaction_id"] for tx in txs], np.int64), "tx_datetime": t,
-                "customer_id": np.array([tx["customer_id"] for tx in txs], np.int64),  # the card token (a raw card number never gets this far)
-                "terminal_id": np.array([tx["terminal_id"] for tx in txs], np.int64), "tx_amount": amount,
-                **{c: x[:, j] for j, c in enumerate(self.columns)}, "score": score, "probability": prob,
-                "decision": np.concatenate([i.decisions for i in rows]), "reasons": [[s] if s else r for s, r in zip(standin, reasons)],
-                "standin": standin, "model_version": [self.scorer.version] * len(txs)})
+            log = {"transaction_id": np.array([tx["transaction_id"] for tx in txs], np.int64), "tx_datetime": t,
+                   "customer_id": np.array([tx["customer_id"] for tx in txs], np.int64),  # the card token (a raw card number never gets this far)
+                   "terminal_id": np.array([tx["terminal_id"] for tx in txs], np.int64), "tx_amount": amount,
+                   **{f"f.{c}": x[:, j] for j, c in enumerate(champion.package.manifest["columns"])}, "score": score, "probability": prob,
+                   "decision": np.concatenate([i.decisions for i in rows]), "reasons": [[r["code"] for r in rs] for i in rows for rs in i.reasons],
+                   "standin": [i.standin for i in rows for _ in i.ids], "model_version": [v for i in rows for v in self.scorer.versions(i)]}
+            self.decision_log.decisions(log | _shadow_columns(rows) if shadowed else log)
 
     def detail(self) -> dict:  # not `health`: LitServe's own hook of that name answers its /health
         "/health's body: live, ready unless degraded (stand-in decisions), and the parts that work degraded (they never fail a scoring request)."
@@ -379,17 +408,38 @@ class FraudAPI(ls.LitAPI):
         state = self.scorer.status()
         degraded = bool(state["state_unavailable_since"] or state["model_failing_since"])
         return {"status": "degraded" if degraded else "ok", "ready": not degraded, "model_version": self.scorer.version,
-                "state": state, "monitoring": self.monitoring, "decision_log": log}
+                "lineup": self.lineup(), "state": state, "monitoring": self.monitoring, "decision_log": log}
+
+    def lineup(self) -> dict:
+        "The lineup, with the guard's window when a challenger decides."
+        lineup = self.scorer.lineup
+        return {**lineup.describe(), **({"guard": self.scorer.guard.rates()} if lineup.share else {})}
+
+    def serve(self, champion=None, shadow=True, share: float | None = None) -> dict:
+        "Swap to a new lineup (`Scorer.swap`, models already verified); a new champion gets its own monitor, and the decision log a new file."
+        old = self.scorer.lineup
+        new = self.scorer.swap(champion, shadow, share)
+        if new.champion is not old.champion:
+            self.observe_pending()  # the old champion's answers reach its own windows first
+            self.monitor, self.monitoring = _monitor(new.champion.package.manifest)
+            self.monitored = new.champion
+            _watch(self.monitor, self.observe_pending)
+            if self.decision_log: self.decision_log.rotate()
+        _lineup_metrics(new)
+        logging.getLogger("mlpay.serve").warning("lineup: %s", new.describe())
+        return self.lineup()
 
     def encode_response(self, item: Item):  # no return annotation: LitServe would make it the response model
         if item.error: return JSONResponse({"detail": item.error[1]}, status_code=item.error[0], headers={"Retry-After": "1"} if item.error[0] == 503 else None)
         body = self.scorer.answer(item)
         m = _metrics()
-        for r in body.get("results", [body] if "decision" in body else []): m["decisions"].labels(r["decision"]).inc()
+        results = body.get("results", [body] if "decision" in body else [])
+        roles = ["challenger" if c else "champion" for c in item.challenger] if item.challenger is not None else ["champion"] * len(results)
+        for r, role in zip(results, roles): m["decisions"].labels(r["decision"], role).inc()
         if item.standin: m["standin"].labels(item.standin).inc(len(item.ids))
         return body
 
-# %% ../nbs/52_serve.ipynb #24efc832
+# %% ../nbs/52_serve.ipynb #f299c874
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -413,20 +463,72 @@ def _metrics():
     "The server's Prometheus metrics (created on first use, after `_metrics_dir`)."
     global _METRICS
     if "_METRICS" not in globals():
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
         # in multiprocess mode the values live in PROMETHEUS_MULTIPROC_DIR (registry None), read back by /metrics
         r = None if "PROMETHEUS_MULTIPROC_DIR" in os.environ else _registry()
         _METRICS = {
             "requests": Counter("mlpay_requests", "HTTP requests by path and status", ["path", "status"], registry=r),
             "latency": Histogram("mlpay_request_seconds", "HTTP request latency", ["path"], registry=r,
                                  buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5)),
-            "decisions": Counter("mlpay_decisions", "scored transactions by decision", ["decision"], registry=r),
+            "decisions": Counter("mlpay_decisions", "scored transactions by decision and by the role of the model that decided (champion, challenger)", ["decision", "role"], registry=r),
+            "shadow_decisions": Counter("mlpay_shadow_decisions", "transactions scored by both models, by the champion's and the shadow's (or challenger's) decision", ["champion", "shadow"], registry=r),
+            "shadow_moments": Counter("mlpay_shadow_score_moments", "running sums of the champion's score x and the shadow's y (n, x, y, xx, yy, xy): their correlation over any range", ["moment"], registry=r),
+            "shadow_seconds": Histogram("mlpay_shadow_seconds", "the shadow model's call, per scoring turn", registry=r,
+                                        buckets=(.0001, .0002, .0005, .001, .002, .005, .01, .02, .05)),
+            "demotions": Counter("mlpay_challenger_demotions", "challengers switched back to shadow by the guard, by the rate that departed", ["rate"], registry=r),
+            "swaps": Counter("mlpay_swaps", "lineup changes asked of /admin/lineup, applied or refused", ["outcome"], registry=r),
+            "share": Gauge("mlpay_challenger_share", "the share of cards the challenger decides", registry=r, multiprocess_mode="mostrecent"),
+            "model_info": Gauge("mlpay_model_info", "the models served (1), by role and version", ["role", "version"], registry=r, multiprocess_mode="mostrecent"),
             "rejected": Counter("mlpay_rejected", "requests refused at the edge", ["reason"], registry=r),
             "standin": Counter("mlpay_standin", "transactions answered with a stand-in decision (the state or the model unavailable)", ["reason"], registry=r),
             "log_records": Counter("mlpay_decision_log_records", "records written to the decision log", ["kind"], registry=r),
             "log_dropped": Counter("mlpay_decision_log_dropped", "decision log records lost (queue full, write error)", ["reason"], registry=r),
         }
     return _METRICS
+
+_SERVED: set[tuple[str, str]] = set()  # the (role, version) labels of mlpay_model_info set to 1
+
+def _lineup_metrics(lineup: Lineup) -> None:
+    "The served models and the challenger's share, as gauges."
+    m, served = _metrics(), {("champion", lineup.champion.version)}
+    if lineup.shadow: served.add(("challenger" if lineup.share else "shadow", lineup.shadow.version))
+    for labels in _SERVED - served: m["model_info"].labels(*labels).set(0)  # no longer served (clearing labels has no multiprocess form)
+    for labels in served: m["model_info"].labels(*labels).set(1)
+    _SERVED.clear(); _SERVED.update(served)
+    m["share"].set(lineup.share)
+
+def _by_role(i: Item) -> tuple[np.ndarray, np.ndarray]:
+    "(champion, shadow) rows of an item's scores and decisions: which of `i`'s answers and `i.shadow` is which model's."
+    ch = i.challenger if i.challenger is not None else np.zeros(len(i.ids), bool)
+    champion = (np.where(ch, i.shadow.scores, i.scores), np.where(ch, i.shadow.decisions, i.decisions))
+    shadow = (np.where(ch, i.scores, i.shadow.scores), np.where(ch, i.decisions, i.shadow.decisions))
+    return np.stack([champion[0], shadow[0]]), np.stack([champion[1], shadow[1]])
+
+def _shadow_metrics(rows: list[Item]) -> None:
+    "The two models' decisions side by side, and the running sums of their scores (for the correlation), on the rows both scored."
+    both = [_by_role(i) for i in rows if i.shadow is not None]
+    scores, decisions = np.concatenate([s for s, _ in both], axis=1).astype(np.float64), np.concatenate([d for _, d in both], axis=1)
+    m = _metrics()
+    pairs, n = np.unique(np.char.add(np.char.add(decisions[0].astype(str), "|"), decisions[1].astype(str)), return_counts=True)
+    for pair, k in zip(pairs, n): m["shadow_decisions"].labels(*pair.split("|")).inc(int(k))
+    x, y = scores
+    for moment, v in (("n", len(x)), ("x", x.sum()), ("y", y.sum()), ("xx", x @ x), ("yy", y @ y), ("xy", x @ y)): m["shadow_moments"].labels(moment).inc(float(v))
+
+def _shadow_columns(rows: list[Item]) -> dict:
+    "The decision log's columns of the model that scored each transaction without answering it (the shadow; the champion where the challenger answered)."
+    out = {"decided_by": [], "shadow_version": [], "shadow_score": [], "shadow_probability": [], "shadow_decision": [], "shadow_reasons": []}
+    for i in rows:
+        n, L = len(i.ids), i.lineup
+        if i.shadow is None:
+            for k, v in (("decided_by", "champion"), ("shadow_version", None), ("shadow_decision", None), ("shadow_reasons", None)): out[k] += [v] * n
+            out["shadow_score"].append(np.full(n, np.nan)); out["shadow_probability"].append(np.full(n, np.nan))
+            continue
+        ch = i.challenger if i.challenger is not None else np.zeros(n, bool)
+        out["decided_by"] += ["challenger" if c else "champion" for c in ch]
+        out["shadow_version"] += [L.champion.version if c else L.shadow.version for c in ch]
+        out["shadow_score"].append(i.shadow.scores.astype(np.float64)); out["shadow_probability"].append(i.shadow.probability.astype(np.float64))
+        out["shadow_decision"] += [str(d) for d in i.shadow.decisions]; out["shadow_reasons"] += [[r["code"] for r in rs] for rs in i.shadow.reasons]
+    return {**out, "shadow_score": np.concatenate(out["shadow_score"]), "shadow_probability": np.concatenate(out["shadow_probability"])}
 
 def _json(status: int, detail: str, headers: dict | None = None) -> Response:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
@@ -557,7 +659,7 @@ def _metrics_endpoint(request: Request) -> Response:
         _watch(_monitor(orjson.loads((Path(pkg) / "manifest.json").read_bytes()))[0])
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/52_serve.ipynb #318e729f
+# %% ../nbs/52_serve.ipynb #b2d153ae
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
@@ -581,16 +683,16 @@ class Result(BaseModel):
     decision: Literal["approve", "review", "decline"]
     reasons: list[Reason]
     degraded: bool = Field(description="true: a stand-in decision (the online state or the model was unavailable), see the reason")
+    model_version: str = Field(description="the model that decided it: the champion's, or the challenger's for the cards it decides")
 
 class Answer(Result):
     "The answer to one authorization."
-    model_version: str
     latency_ms: float
 
 class BatchAnswer(BaseModel):
     "The answers to a batch, in its order."
     results: list[Result]
-    model_version: str
+    model_version: str = Field(description="the champion's version (each result says which model decided it)")
     latency_ms: float
 
 class FeedbackAnswer(BaseModel):
@@ -604,6 +706,7 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     ready: bool
     model_version: str
+    lineup: dict = Field(description="the champion, the shadow (or challenger) and the challenger's share of cards; the guard's window while a challenger decides")
     state: dict = Field(description="since when the state is unavailable or the model fails (null: it works), the stand-in backlog")
     monitoring: str
     decision_log: dict | str
@@ -673,7 +776,53 @@ def build_app(model_dir: Path | str, # a model package directory
         return JSONResponse(d, status_code=200 if d["ready"] else 503)
     app.add_api_route("/ready", ready, methods=["GET"], response_model=Health, responses={503: {"model": Health, "description": "degraded: answering with stand-in decisions"}},
                       summary="Ready (200), or degraded (503): for a readiness probe that should route traffic away from a degraded replica")
+    if admin := settings.admin(): _admin_routes(app, api, admin)
     return app
+
+class LineupChange(BaseModel):
+    "A change of the lineup: each field given replaces what is served, each field absent is kept."
+    model_config = ConfigDict(extra="forbid")
+    champion: str | None = Field(None, min_length=1, description="a model package directory on the server: the new champion")
+    shadow: str | None = Field(None, min_length=1, description="a model package directory: the new shadow; null: no shadow")
+    challenger_share: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                           description="the share of cards the shadow decides as challenger (sticky by card token); 0: a pure shadow")
+
+def _admin_routes(app: FastAPI, api: FraudAPI, key: str) -> None:
+    "GET and PUT /admin/lineup, behind the admin key: the hot swap and rollback."
+    expected = f"Bearer {key}".encode()
+    def admin(request: Request):
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            raise HTTPException(401, "missing or wrong admin key: send Authorization: Bearer <admin key>", {"WWW-Authenticate": "Bearer"})
+    guarded = {"dependencies": [Depends(admin)], "responses": {401: {"model": Problem, "description": "missing or wrong admin key"}}}
+    app.add_api_route("/admin/lineup", lambda: api.lineup(), methods=["GET"], summary="The models served, their roles and the challenger's share", **guarded)
+
+    def build(change: LineupChange) -> dict:
+        "The models the change names, each verified against this server's state (sha256, parity probe, features)."
+        given = change.model_fields_set
+        if "champion" in given and change.champion is None: raise ValueError("champion: a server always has one; give a package directory")
+        out = {}
+        if change.champion is not None: out["champion"] = api.scorer.model(load_package(change.champion))
+        if "shadow" in given: out["shadow"] = api.scorer.model(load_package(change.shadow)) if change.shadow else None
+        if "challenger_share" in given: out["share"] = change.challenger_share
+        return out
+
+    async def put(change: LineupChange) -> JSONResponse:
+        m = _metrics()
+        try:
+            models = await asyncio.to_thread(build, change)  # loading and verifying a package takes a while: not on the event loop
+            lineup = api.serve(**models)
+        except (PackageError, ValueError, OSError) as e:
+            m["swaps"].labels("refused").inc()
+            logging.getLogger("mlpay.serve").error("lineup change refused, still serving %s: %s", api.scorer.lineup.describe(), e)
+            return _json(409, f"refused, nothing changed: {e}")
+        m["swaps"].labels("applied").inc()
+        return JSONResponse(lineup)
+    app.add_api_route("/admin/lineup", put, methods=["PUT"], summary="Swap the champion, the shadow or the challenger's share without a restart",
+                      description="Atomic: requests in flight finish on the models they started with. A package that fails verification, its parity probe, "
+                                  "or needs online state this server does not keep is refused (409) and the current models keep serving.",
+                      responses={**guarded["responses"], 409: {"model": Problem, "description": "refused: the current lineup keeps serving"},
+                                 422: {"model": Invalid, "description": "a malformed change (a share outside [0, 1])"}},
+                      dependencies=guarded["dependencies"])
 
 def build_server(model_dir: Path | str, # a model package directory
                  settings: ServeSettings | None = None, # from the environment by default
@@ -706,8 +855,13 @@ def main(argv=None):
     try:
         settings = ServeSettings()
         settings.key()
+        if settings.admin() and (settings.workers or settings.api_servers > 1):
+            raise ValueError("the admin endpoint (hot swap) needs one scoring process (MLPAY_WORKERS=0, MLPAY_API_SERVERS=1): with several, roll the Deployment instead")
         # refuse a bad package or retention here, with its message, before any process starts
-        OnlineFeatures(*contract(load_package(a.model).manifest), max_lateness_s=settings.max_lateness_s, card_idle_days=settings.card_idle_days)
+        state = contract(load_package(a.model).manifest)
+        OnlineFeatures(*state, max_lateness_s=settings.max_lateness_s, card_idle_days=settings.card_idle_days)
+        if settings.shadow_model and (gaps := state_gaps(load_package(settings.shadow_model).manifest, *state)):
+            raise ValueError(f"MLPAY_SHADOW_MODEL {settings.shadow_model}: needs online state the champion's does not keep: {'; '.join(gaps)}")
         if settings.workers: server = build_server(a.model, settings)
     except (ValueError, OSError) as e: raise SystemExit(f"error: {e}") from None
     # No access log: a line per request costs CPU on the hot path; /metrics counts requests instead.

@@ -148,4 +148,21 @@ def package(tmp_path_factory):
     import polars as pl
     tx.write_parquet(d / "transactions.parquet")
     tx.filter(pl.col("TX_TIME_DAYS") < 150).write_parquet(d / "history.parquet")
+    feats.write_parquet(d / "features.parquet")
     return d
+
+
+@pytest.fixture(scope="session")
+def challenger(package):
+    "A second package on the same data and registry: the tiny model trained with another seed (another version)."
+    from mlpay.config import compose
+    from mlpay.evaluation import main as evaluate
+    from mlpay.export import write_package
+    from mlpay.train import train
+    import polars as pl
+    d = package / "challenger"
+    feats = pl.read_parquet(package / "features.parquet")
+    train(compose(["debug=fast", "model=mlp", "trainer.max_epochs=1", "train.seed=1", f"paths.train={d}/train"]), feats)
+    evaluate(["--predictions", f"{d}/train/predictions.parquet", "--out-dir", f"{d}/eval", "--package", f"{d}/train", "data=tiny"])
+    write_package(d / "train", d / "model", feats, compose(["debug=fast", "export.variants=[]", "reasons.faithfulness.min_rate=0"]))
+    return d / "model"
