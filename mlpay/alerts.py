@@ -25,13 +25,22 @@ from .files import atomic_path
 __all__ = ['METRICS', 'FLAGGED', 'Alarms', 'check_alarms', 'alert_rules', 'metric_names', 'dashboard', 'prometheus_rule',
            'render', 'stale', 'main']
 
-# %% ../nbs/62_alerts.ipynb #491ac058
+# %% ../nbs/62_alerts.ipynb #908b1be8
 METRICS = {
     "mlpay_requests_total": ("path", "status"),
     "mlpay_request_seconds_bucket": ("path", "le"),
     "mlpay_request_seconds_sum": ("path",),
     "mlpay_request_seconds_count": ("path",),
-    "mlpay_decisions_total": ("decision",),
+    "mlpay_decisions_total": ("decision", "role"),
+    "mlpay_shadow_decisions_total": ("champion", "shadow"),
+    "mlpay_shadow_score_moments_total": ("moment",),
+    "mlpay_shadow_seconds_bucket": ("le",),
+    "mlpay_shadow_seconds_sum": (),
+    "mlpay_shadow_seconds_count": (),
+    "mlpay_challenger_share": (),
+    "mlpay_challenger_demotions_total": ("rate",),
+    "mlpay_swaps_total": ("outcome",),
+    "mlpay_model_info": ("role", "version"),
     "mlpay_rejected_total": ("reason",),
     "mlpay_standin_total": ("reason",),
     "mlpay_feature_psi": ("feature", "window", "model_version"),
@@ -103,7 +112,7 @@ def check_alarms(monitor_cfg, # conf/monitor: `windows` and `alarms`
                   flagged_ratio=_number(a, "flagged_ratio", 1), error_rate=_number(a, "error_rate", 0, 1),
                   latency_p99_s=_number(a, "latency_p99_s", 0), for_=for_)
 
-# %% ../nbs/62_alerts.ipynb #38bf2e9f
+# %% ../nbs/62_alerts.ipynb #c5ec435e
 def _num(x: float) -> str:
     "A threshold as PromQL writes it: 2000, 0.25, 0.5."
     return str(int(x)) if float(x).is_integer() else repr(float(x))
@@ -175,6 +184,12 @@ def alert_rules(monitor_cfg, # conf/monitor: `windows` and `alarms`
                "catches passes. STATE_UNAVAILABLE: the online state (Redis) is down or slower than MLPAY_STATE_TIMEOUT_S; "
                "the server writes what it answered into it once it is back (/health: state). MODEL_UNAVAILABLE: the "
                "model fails at run time: read the pods' logs; roll back if a release started it. Fires at once.", None),
+        _alert("MlpayChallengerDemoted", "increase(mlpay_challenger_demotions_total[10m]) > 0", "page",
+               "{{ $labels.instance }} switched its challenger back to shadow ({{ $value | humanize }} times in 10m): its {{ $labels.rate }} rate departed from the champion's",
+               "The server's guard compares the challenger's decline and review rates with the champion's on the same "
+               "transactions (MLPAY_GUARD_MAX_RATIO over MLPAY_GUARD_WINDOW transactions) and switched it back to shadow: "
+               "the champion decides every card again. Do not raise the share again before reading the shadow's "
+               "decisions in the decision log (shadow_decision) and the gate's report. Fires at once.", None),
         _alert("MlpayDecisionLogDropping", "increase(mlpay_decision_log_dropped_total[10m]) > 0", "page",
                "{{ $labels.instance }} dropped {{ $value | humanize }} decision-log records ({{ $labels.reason }}) in 10m",
                "Dropped records are lost: no audit trail for those decisions and no label to join them with, which "
@@ -220,7 +235,7 @@ def metric_names(expr: str, # a PromQL expression
     words = re.findall(r"(?<![\w:.])[a-zA-Z_:][\w:]*(?![\w:]|\s*\()", e)
     return set(words) - {"and", "or", "unless", "bool", "offset", "group_left", "group_right", "inf", "nan"}
 
-# %% ../nbs/62_alerts.ipynb #b859dc2c
+# %% ../nbs/62_alerts.ipynb #73bfdaa4
 _DS = {"type": "prometheus", "uid": "${datasource}"}
 _MV = 'model_version=~"$model_version"'
 
@@ -303,6 +318,20 @@ def dashboard(monitor_cfg, # conf/monitor: `windows` and `alarms`
                    threshold=0, description="Authorizations answered from the amount alone: the state or the model was unavailable (the MlpayStandIn alert)."),
             _panel("Requests refused at the edge", [(f"sum by (reason) (rate(mlpay_rejected_total[{rate}]))", "{{reason}}")], "ops",
                    description="overload and late: not answerable within their deadline (503, Retry-After); auth, too_large, bad_deadline: bad requests."),
+        ]),
+        ("Shadow and challenger", [
+            _panel("Decision agreement with the shadow", [(f'sum(rate(mlpay_shadow_decisions_total{{champion="approve", shadow="approve"}}[{rate}]) '
+                                                         f'or rate(mlpay_shadow_decisions_total{{champion="review", shadow="review"}}[{rate}]) '
+                                                         f'or rate(mlpay_shadow_decisions_total{{champion="decline", shadow="decline"}}[{rate}])) '
+                                                         f'/ sum(rate(mlpay_shadow_decisions_total[{rate}]))', "agreement")], "percentunit",
+                   description="The share of transactions both models decided alike (both score every transaction)."),
+            _panel("Decisions: champion vs shadow", [(f"sum by (champion) (rate(mlpay_shadow_decisions_total{{champion!=\"approve\"}}[{rate}]))", "champion {{champion}}"),
+                                                     (f"sum by (shadow) (rate(mlpay_shadow_decisions_total{{shadow!=\"approve\"}}[{rate}]))", "shadow {{shadow}}")], "ops",
+                   description="The flagged decisions of each model on the same transactions: the guard's comparison."),
+            _panel("Shadow model call p99", [(f"histogram_quantile(0.99, sum by (le) (rate(mlpay_shadow_seconds_bucket[{rate}])))", "p99")], "s"),
+            _panel("Challenger share and demotions", [("max(mlpay_challenger_share)", "share"),
+                                                      (f"sum by (rate) (increase(mlpay_challenger_demotions_total[{rate}]))", "demoted ({{rate}})")], "short",
+                   description="The share of cards the challenger decides; a demotion is the guard switching it back (the MlpayChallengerDemoted alert)."),
         ]),
         ("Decision log", [
             _panel("Decision-log records", [(f"sum by (kind) (rate(mlpay_decision_log_records_total[{rate}]))", "{{kind}}")], "ops"),

@@ -28,8 +28,10 @@ CONTRACT = {
     "mlpay_decisions_total", "mlpay_rejected_total", "mlpay_feature_psi", "mlpay_feature_ks", "mlpay_window_transactions",
     "mlpay_decision_share", "mlpay_decision_share_reference", "mlpay_estimated_performance",
     "mlpay_reference_performance", "mlpay_decision_log_records_total", "mlpay_decision_log_dropped_total", "mlpay_standin_total",
+    "mlpay_shadow_decisions_total", "mlpay_shadow_score_moments_total", "mlpay_shadow_seconds_bucket", "mlpay_shadow_seconds_sum",
+    "mlpay_shadow_seconds_count", "mlpay_challenger_share", "mlpay_challenger_demotions_total", "mlpay_swaps_total", "mlpay_model_info",
 }
-ALERTS = {"MlpayHighErrorRate", "MlpayHighLatencyP99", "MlpayStandIn", "MlpayDecisionLogDropping", "MlpayFeatureDriftPSI",
+ALERTS = {"MlpayHighErrorRate", "MlpayHighLatencyP99", "MlpayStandIn", "MlpayChallengerDemoted", "MlpayDecisionLogDropping", "MlpayFeatureDriftPSI",
           "MlpayFeatureDriftKS", "MlpayScoreDriftPSI", "MlpayScoreDriftKS", "MlpayEstimatedPrecisionDrop",
           "MlpayDecisionMixChange"}
 
@@ -127,7 +129,7 @@ def test_rules_read_the_configuration():
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"page", "ticket"}, name
         assert "$value" in rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 40, name
-        assert rule.get("for") == (None if name in ("MlpayDecisionLogDropping", "MlpayStandIn") else a["for"]), name
+        assert rule.get("for") == (None if name in ("MlpayDecisionLogDropping", "MlpayStandIn", "MlpayChallengerDemoted") else a["for"]), name
 
 
 # ---- promtool --------------------------------------------------------------------------------------------------
