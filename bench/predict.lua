@@ -8,12 +8,16 @@ local id_base = tonumber(os.getenv("MLPAY_ID_BASE") or "100000000")  -- a fresh 
 local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key}
 if os.getenv("MLPAY_DEADLINE_MS") then headers["X-Deadline-Ms"] = os.getenv("MLPAY_DEADLINE_MS") end
 local counter = 0
-local thread_id = 0
+thread_id = 0  -- a global: `thread:set` in setup writes the thread's globals (a local here hid it: both threads sent the same ids)
 local threads = {}
 
 function setup(thread)
   thread:set("thread_id", #threads)
   table.insert(threads, thread)
+end
+
+function init(args)
+  math.randomseed(1000003 * (thread_id + 1) + id_base % 1000003)  -- other cards and amounts in each thread and run
 end
 
 local function tx()

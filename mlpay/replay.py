@@ -32,7 +32,7 @@ from .report import alarms
 __all__ = ['GAUGES', 'Client', 'free_port', 'serving', 'batches', 'matured_labels', 'replay', 'alarms_over_time',
            'replay_scenario', 'first_alarms', 'replay_package', 'main']
 
-# %% ../nbs/63_replay.ipynb #2d5f86b3
+# %% ../nbs/63_replay.ipynb #ef204ab8
 GAUGES = ("mlpay_feature_psi", "mlpay_feature_ks", "mlpay_window_transactions", "mlpay_decision_share", "mlpay_estimated_performance")
 
 class Client:
@@ -46,8 +46,12 @@ class Client:
         self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "X-Deadline-Ms": str(timeout * 1e3)}
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-        self.conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=self.headers)
-        r = self.conn.getresponse()
+        data = json.dumps(body).encode() if body is not None else None
+        try: self.conn.request(method, path, body=data, headers=self.headers); r = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # the server closed an idle keep-alive connection: send again on a new one (mlpay's requests are idempotent:
+            # a transaction retried with the same contents, a label sent twice, change nothing)
+            self.conn.close(); self.conn.request(method, path, body=data, headers=self.headers); r = self.conn.getresponse()
         return r.status, r.read()
 
     def post(self, path: str, body: dict) -> dict:

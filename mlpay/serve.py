@@ -278,7 +278,7 @@ class StateOwner:
         self.snapshot()
         for close in self.closers: close()
 
-# %% ../nbs/52_serve.ipynb #b5798459
+# %% ../nbs/52_serve.ipynb #558665b5
 def _monitor(manifest: dict) -> tuple[Windows | None, str]:
     "The package's monitoring windows, and what /health says of them."
     try: w = monitor_of(manifest)
@@ -310,6 +310,9 @@ class FraudAPI(ls.LitAPI):
                              guard=Guard(s.guard_window, s.guard_max_ratio, s.guard_min_flags),
                              on_demote=lambda rate: (_metrics()["demotions"].labels(rate).inc(), _lineup_metrics(self.scorer.lineup)))
         _lineup_metrics(self.scorer.lineup)
+        m = _metrics()
+        for rate in ("decline", "review"): m["demotions"].labels(rate)  # at 0 from the start: `increase()` then sees the first demotion
+        for outcome in ("applied", "refused"): m["swaps"].labels(outcome)
         self.monitor, self.monitoring = _monitor(pkg.manifest)
         self.monitored = self.scorer.lineup.champion  # the model the monitor's windows count
         self.decision_log = _decision_log(self.settings)
@@ -317,10 +320,11 @@ class FraudAPI(ls.LitAPI):
         closers = [self.observe_pending]
         if self.monitor or self.decision_log: every(self.settings.observe_every_s, self.observe_pending)
         if self.monitor and snapshot:  # the windows outlive a restart beside the in-process state: a day's window takes a day to fill
-            saved = snapshot.with_name("monitor.npz")
-            if saved.exists(): self.monitor = self.monitor.merged([saved], math.inf)
-            every(self.settings.snapshot_every_s, lambda: self.monitor.dump(saved))
-            closers.append(lambda: self.monitor.dump(saved))
+            # one file per champion: after a hot swap and a restart on another MLPAY_MODEL, each model finds its own windows
+            saved = lambda: snapshot.with_name(f"monitor-{self.monitored.version}.npz")
+            if saved().exists(): self.monitor = self.monitor.merged([saved()], math.inf)
+            every(self.settings.snapshot_every_s, lambda: self.monitor and self.monitor.dump(saved()))
+            closers.append(lambda: self.monitor and self.monitor.dump(saved()))
         if self.monitor and "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several processes: /metrics adds up every process's windows
             dump = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / f"monitor-{os.getpid()}.npz"
             every(self.settings.monitor_dump_every_s, lambda: (self.observe_pending(), self.monitor.dump(dump)))
