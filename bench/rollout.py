@@ -2,9 +2,9 @@
 
 1. Shadow cost: bench/serve.py's default configuration (mlpay-serve scoring in the HTTP process, a fresh warmed state,
    wrk with 16 connections), without a shadow and with MLPAY_SHADOW_MODEL=B, alternating, `--rounds` runs each; the
-   medians and the throughput the shadow costs. Under two loads: every request a new transaction
-   (bench/predict_versions.lua, answers unread), and bench/predict.lua as bench/serve.py runs it (its two wrk threads
-   send the same transactions, so half its requests are retries: comparable with bench/results/serve*.json only).
+   medians and the throughput the shadow costs. Every request is a new transaction (bench/predict_versions.lua,
+   answers unread), from 16 connections (the issue's load: the server saturated, so latency is mostly queueing) and
+   from one (what the shadow adds to one request's latency when nothing queues).
 2. Hot swap: the same server with MLPAY_ADMIN_KEY, wrk 16 connections for `--swap-seconds` with every answer checked
    (bench/predict_versions.lua: statuses, the model_version of each answer) while a thread PUTs /admin/lineup once a
    second, the champion alternating between A and B; next to the same load without swaps.
@@ -13,7 +13,7 @@ A is --model; B is --b, else artifacts/challenger/model where a retraining wrote
 path (the same version: the swap is exercised, the versions seen cannot tell the models apart). Prints the tables;
 bench/results/rollout.json keeps them.
 
-    python bench/rollout.py [--model artifacts/model] [--b DIR] [--duration 10] [--swap-seconds 20] [--rounds 2] [--loads fresh,serve.py]
+    python bench/rollout.py [--model artifacts/model] [--b DIR] [--duration 10] [--swap-seconds 20] [--rounds 2] [--loads fresh,single]
 """
 import argparse
 import http.client
@@ -84,7 +84,7 @@ def wrk_versions(port, duration, connections=16, check=True) -> dict:
     "wrk with bench/predict_versions.lua: its RESULT line, and the versions and non-2xx statuses it counted (`check`: read every answer)."
     # a second's deadline, as bench/serve.py grants: this measures capacity and correctness, not shedding (bench/resilience.py)
     env = {**os.environ, "MLPAY_KEY": KEY, "MLPAY_DEADLINE_MS": "1000", "MLPAY_ID_BASE": str(next(RUNS) * 10**9), "MLPAY_CHECK": "1" if check else "0"}
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / "predict_versions.lua"),
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / "predict_versions.lua"),
                           f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True, env=env)
     m = re.search(r"RESULT (.*)", out.stdout)
     if not m: raise RuntimeError(out.stdout + out.stderr)
@@ -94,9 +94,10 @@ def wrk_versions(port, duration, connections=16, check=True) -> dict:
     return r
 
 
-# the load of the shadow-cost runs: new transactions only (predict_versions.lua, answers unread), or bench/serve.py's
-# predict.lua as it is (its two wrk threads send the same transactions: half the requests are retries)
-LOADS = {"fresh": lambda port, d: wrk_versions(port, d, check=False), "serve.py": lambda port, d: wrk(port, "predict.lua", d, env={"MLPAY_KEY": KEY})}
+# the loads of the shadow-cost runs: new transactions (predict_versions.lua, answers unread) from 16 connections or from one;
+# or bench/serve.py's own load (predict.lua)
+LOADS = {"fresh": lambda port, d: wrk_versions(port, d, check=False), "single": lambda port, d: wrk_versions(port, d, connections=1, check=False),
+         "serve.py": lambda port, d: wrk(port, "predict.lua", d, env={"MLPAY_KEY": KEY})}
 
 
 def shadow_cost(a, b, tmp, warm, duration, rounds, load_name) -> dict:
@@ -170,8 +171,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="runs of each shadow-cost configuration")
     p.add_argument("--swap-seconds", type=int, default=20, help="seconds of each hot-swap run (one swap a second)")
     p.add_argument("--warm", default="data/transactions.parquet")
-    p.add_argument("--loads", default="fresh,serve.py", help="the shadow-cost loads, comma-separated: fresh (every request a new transaction), "
-                   "serve.py (bench/predict.lua as bench/serve.py runs it)")
+    p.add_argument("--loads", default="fresh,single", help="the shadow-cost loads, comma-separated: fresh (new transactions, 16 connections), "
+                   "single (the same from 1 connection), serve.py (bench/predict.lua as bench/serve.py runs it)")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for package A to be complete (an export running)")
     a = p.parse_args()
     ma = wait_package(a.model, a.wait)
@@ -194,12 +195,12 @@ def main():
     name = {va: "A", vb: "B"} if va != vb else {va: "A=B"}
     def seen(r):
         return ", ".join(f"{name.get(v, v[:12])} {n:,}" for v, n in sorted(r["versions"].items())) or "none"
-    label = {"fresh": "new transactions", "serve.py": "predict.lua (half retries)"}
+    label = {"fresh": "16 connections", "single": "1 connection", "serve.py": "bench/serve.py's predict.lua, 16 connections"}
     rows = [[f"{label[x]}: {k_label}", f"{c['median'][k]['requests_per_s']:,.0f}", f"{c['median'][k]['p50_ms']:.2f}", f"{c['median'][k]['p99_ms']:.2f}",
              " / ".join(f"{r['requests_per_s']:,.0f}" for r in c["runs"][k]), sum(int(r["errors"] + r["non2xx"]) for r in c["runs"][k]),
              " / ".join(f"{r['loadavg_1m_before']:.1f}" for r in c["runs"][k]), "" if k == "none" else f"{c['throughput_cost_pct']:.1f} %"]
             for x, c in costs.items() for k, k_label in (("none", "no shadow"), ("shadow", "MLPAY_SHADOW_MODEL=B"))]
-    print_table(f"Shadow cost: bench/serve.py's default server, wrk 16 connections, {a.duration} s, median of {a.rounds} alternating runs, {os.cpu_count()} cores",
+    print_table(f"Shadow cost: bench/serve.py's default server, wrk, new transactions, {a.duration} s, median of {a.rounds} alternating runs, {os.cpu_count()} cores",
                 ["load: configuration", "req/s", "p50 ms", "p99 ms", "req/s of each run", "errors", "load avg (1 min) before", "throughput cost"], rows)
     rows = [[run, f"{int(r['requests']):,}", f"{r['requests_per_s']:,.0f}", int(r["non2xx"] + r["errors"]), int(r["unversioned"]),
              f"{r['applied']} / {r['refused']}" + (f" (+{r['other']} failed)" if r["other"] else ""), seen(r), f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
