@@ -17,7 +17,8 @@ from omegaconf.errors import ConfigKeyError
 from .files import atomic_path
 
 # %% auto #0
-__all__ = ['find_conf_dir', 'compose', 'write_params', 'load_params', 'stage_parser', 'stage_config', 'params_main']
+__all__ = ['find_conf_dir', 'compose', 'write_params', 'load_params', 'stage_parser', 'stage_config', 'group_fields',
+           'params_main']
 
 # %% ../nbs/00_config.ipynb #291949eb
 def find_conf_dir(start: Path | str | None = None, # where to start looking; the working directory by default
@@ -96,6 +97,20 @@ def stage_config(args: argparse.Namespace, # parsed by a `stage_parser`
     "The configuration a stage runs with: `--params` plus overrides, or `conf/` composed with the overrides."
     try: return load_params(args.params, args.overrides) if args.params else compose(args.overrides)
     except (HydraException, ValueError, FileNotFoundError) as e: raise SystemExit(f"error: {e}") from None
+
+# %% ../nbs/00_config.ipynb #79500ab0
+def group_fields(cfg, # a config group: a DictConfig or a mapping
+                 cls, # the dataclass it fills
+                 group: str, # its name, for the messages
+                 error: type[Exception] = ValueError, # what to raise
+                ) -> dict:
+    "The group's values as a dict, after checking they are exactly `cls`'s fields (those with defaults optional)."
+    from dataclasses import MISSING, fields
+    d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    known = [f.name for f in fields(cls)]
+    if unknown := sorted(set(d) - set(known)): raise error(f"{group} config has unknown key(s) {unknown}; known: {known}")
+    if missing := [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]: raise error(f"{group} config lacks {missing}")
+    return d
 
 # %% ../nbs/00_config.ipynb #1582edbe
 def params_main(argv: Sequence[str] | None = None):
