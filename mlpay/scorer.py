@@ -48,7 +48,7 @@ class Item:
     error: tuple[int, str] | None = None # (HTTP status, message) of a request the state refused
     standin: str | None = None # the stand-in reason code when the model's answer could not be given (STATE_UNAVAILABLE, MODEL_UNAVAILABLE)
 
-# %% ../nbs/51_scorer.ipynb #94ddce94
+# %% ../nbs/51_scorer.ipynb #84b7615f
 def scrub(e: BaseException) -> str:
     "An exception as text for a log: its type and message, digit runs masked (a card token must not reach a log)."
     return f"{type(e).__name__}: {re.sub(r'[0-9]{6,}', '<digits>', str(e))}"
@@ -127,7 +127,7 @@ class Scorer:
         with self.lock:
             lineup = self.lineup
             for item in items:
-                item.lineup = lineup
+                item.lineup = item.lineup or lineup  # a request scored in several turns keeps the lineup of its first
                 if item.labels is not None: self._feedback(item); continue
                 if self.state_down is None:
                     mine, xs = [], []

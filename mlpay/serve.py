@@ -443,7 +443,7 @@ class FraudAPI(ls.LitAPI):
         if item.standin: m["standin"].labels(item.standin).inc(len(item.ids))
         return body
 
-# %% ../nbs/52_serve.ipynb #f299c874
+# %% ../nbs/52_serve.ipynb #6a4ab651
 PROTECTED = ("/predict", "/feedback")
 REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the body model of each scoring path
 
@@ -641,6 +641,8 @@ class EdgeMiddleware:
                 continue
             item = r.items[r.next]
             if batch and n + len(item.txs) > self.turn: self.queue.appendleft(r); break
+            if r.next == 0 and len(r.items) > 1:  # every chunk on the lineup its first turn starts with: one request, one set of models
+                for chunk in r.items: chunk.lineup = self.api.scorer.lineup
             batch.append((r, item)); n += len(item.txs) or 1; r.next += 1
             if r.next < len(r.items): again.append(r)
         self.queue.extend(again)
