@@ -2,11 +2,11 @@
 
 1. Shadow cost: bench/serve.py's default configuration (mlpay-serve scoring in the HTTP process, a fresh warmed state,
    wrk with 16 connections), without a shadow and with MLPAY_SHADOW_MODEL=B, alternating, `--rounds` runs each; the
-   medians and the throughput the shadow costs. Every request is a new transaction (bench/predict_versions.lua,
+   medians and the throughput the shadow costs. Every request is a new transaction (bench/predict.lua,
    answers unread), from 16 connections (the issue's load: the server saturated, so latency is mostly queueing) and
    from one (what the shadow adds to one request's latency when nothing queues).
 2. Hot swap: the same server with MLPAY_ADMIN_KEY, wrk 16 connections for `--swap-seconds` with every answer checked
-   (bench/predict_versions.lua: statuses, the model_version of each answer) while a thread PUTs /admin/lineup once a
+   (bench/predict.lua with MLPAY_CHECK=1: statuses, the model_version of each answer) while a thread PUTs /admin/lineup once a
    second, the champion alternating between A and B; next to the same load without swaps.
 
 A is --model; B is --b, else artifacts/challenger/model where a retraining wrote it, else a copy of A under another
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from _common import print_table, save
-from serve import BIN, HERE, KEY, RUNS, serve, stop, wrk
+from serve import BIN, KEY, serve, stop, wrk
 
 ADMIN = "bench-admin-" + "a" * 20  # >= 16 characters, not the API key
 PORT = 8111
@@ -81,23 +81,12 @@ def lineup_of(port) -> dict:
 
 
 def wrk_versions(port, duration, connections=16, check=True) -> dict:
-    "wrk with bench/predict_versions.lua: its RESULT line, and the versions and non-2xx statuses it counted (`check`: read every answer)."
-    # a second's deadline, as bench/serve.py grants: this measures capacity and correctness, not shedding (bench/resilience.py)
-    env = {**os.environ, "MLPAY_KEY": KEY, "MLPAY_DEADLINE_MS": "1000", "MLPAY_ID_BASE": str(next(RUNS) * 10**9), "MLPAY_CHECK": "1" if check else "0"}
-    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / "predict_versions.lua"),
-                          f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True, env=env)
-    m = re.search(r"RESULT (.*)", out.stdout)
-    if not m: raise RuntimeError(out.stdout + out.stderr)
-    r = {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-    r["versions"] = {v: int(n) for v, n in re.findall(r"^VERSION (\S+) (\d+)$", out.stdout, re.M)}
-    r["statuses"] = {s: int(n) for s, n in re.findall(r"^STATUS (\d+) (\d+)$", out.stdout, re.M)}
-    return r
+    "bench/serve.py's wrk with predict.lua: its RESULT line, and the versions and non-2xx statuses it counted (`check`: read every answer)."
+    return wrk(port, "predict.lua", duration, connections, env={"MLPAY_KEY": KEY, "MLPAY_CHECK": "1" if check else "0"})
 
 
-# the loads of the shadow-cost runs: new transactions (predict_versions.lua, answers unread) from 16 connections or from one;
-# or bench/serve.py's own load (predict.lua)
-LOADS = {"fresh": lambda port, d: wrk_versions(port, d, check=False), "single": lambda port, d: wrk_versions(port, d, connections=1, check=False),
-         "serve.py": lambda port, d: wrk(port, "predict.lua", d, env={"MLPAY_KEY": KEY})}
+# the loads of the shadow-cost runs: new transactions (answers unread) from 16 connections or from one
+LOADS = {"fresh": lambda port, d: wrk_versions(port, d, check=False), "single": lambda port, d: wrk_versions(port, d, connections=1, check=False)}
 
 
 def shadow_cost(a, b, tmp, warm, duration, rounds, load_name) -> dict:
@@ -172,7 +161,7 @@ def main():
     p.add_argument("--swap-seconds", type=int, default=20, help="seconds of each hot-swap run (one swap a second)")
     p.add_argument("--warm", default="data/transactions.parquet")
     p.add_argument("--loads", default="fresh,single", help="the shadow-cost loads, comma-separated: fresh (new transactions, 16 connections), "
-                   "single (the same from 1 connection), serve.py (bench/predict.lua as bench/serve.py runs it)")
+                   "single (the same from 1 connection)")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for package A to be complete (an export running)")
     a = p.parse_args()
     ma = wait_package(a.model, a.wait)
@@ -195,7 +184,7 @@ def main():
     name = {va: "A", vb: "B"} if va != vb else {va: "A=B"}
     def seen(r):
         return ", ".join(f"{name.get(v, v[:12])} {n:,}" for v, n in sorted(r["versions"].items())) or "none"
-    label = {"fresh": "16 connections", "single": "1 connection", "serve.py": "bench/serve.py's predict.lua, 16 connections"}
+    label = {"fresh": "16 connections", "single": "1 connection"}
     rows = [[f"{label[x]}: {k_label}", f"{c['median'][k]['requests_per_s']:,.0f}", f"{c['median'][k]['p50_ms']:.2f}", f"{c['median'][k]['p99_ms']:.2f}",
              " / ".join(f"{r['requests_per_s']:,.0f}" for r in c["runs"][k]), sum(int(r["errors"] + r["non2xx"]) for r in c["runs"][k]),
              " / ".join(f"{r['loadavg_1m_before']:.1f}" for r in c["runs"][k]), "" if k == "none" else f"{c['throughput_cost_pct']:.1f} %"]

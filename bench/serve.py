@@ -47,11 +47,15 @@ def wrk(port, script, duration, connections=16, env=None):
     "Run wrk; return its RESULT line as a dict. Each run sends transaction ids of its own (no retries of earlier runs)."
     # < 10^12: ids never look like card numbers; a second's deadline: this measures capacity (bench/resilience.py: shedding)
     env = {"MLPAY_DEADLINE_MS": "1000", **(env or {}), "MLPAY_ID_BASE": str(next(RUNS) * 10**9)}
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / script),
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / script),
                           f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True, env={**os.environ, **(env or {})})
     m = re.search(r"RESULT (.*)", out.stdout)
     if not m: raise RuntimeError(out.stdout + out.stderr)
-    return {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    r = {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    # with MLPAY_CHECK=1 predict.lua also counts the answers' versions and non-2xx statuses (bench/rollout.py)
+    r["versions"] = {v: int(n) for v, n in re.findall(r"^VERSION (\S+) (\d+)$", out.stdout, re.M)}
+    r["statuses"] = {c: int(n) for c, n in re.findall(r"^STATUS (\d+) (\d+)$", out.stdout, re.M)}
+    return r
 
 
 def serve(cmd, port, env=None):
