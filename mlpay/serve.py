@@ -278,7 +278,7 @@ class StateOwner:
         self.snapshot()
         for close in self.closers: close()
 
-# %% ../nbs/52_serve.ipynb #558665b5
+# %% ../nbs/52_serve.ipynb #a99da587
 def _monitor(manifest: dict) -> tuple[Windows | None, str]:
     "The package's monitoring windows, and what /health says of them."
     try: w = monitor_of(manifest)
@@ -318,7 +318,7 @@ class FraudAPI(ls.LitAPI):
         self.decision_log = _decision_log(self.settings)
         self.pending, self.observing = deque(), threading.Lock()  # scored items waiting for `observe_pending`
         closers = [self.observe_pending]
-        if self.monitor or self.decision_log: every(self.settings.observe_every_s, self.observe_pending)
+        every(self.settings.observe_every_s, self.observe_pending)  # the monitor, the decision log, the shadow's metrics (a swap may add one)
         if self.monitor and snapshot:  # the windows outlive a restart beside the in-process state: a day's window takes a day to fill
             # one file per champion: after a hot swap and a restart on another MLPAY_MODEL, each model finds its own windows
             saved = lambda: snapshot.with_name(f"monitor-{self.monitored.version}.npz")
@@ -361,7 +361,7 @@ class FraudAPI(ls.LitAPI):
     def predict(self, x):
         items = x if isinstance(x, list) else [x]
         self.scorer.score(items)  # a refused request fails alone, never its batch
-        if self.monitor or self.decision_log: self.pending.append(items)  # counted and logged off the request's path
+        if self.monitor or self.decision_log or any(i.shadow is not None for i in items): self.pending.append(items)  # counted and logged off the request's path
         return x
 
     def observe_pending(self) -> None:
@@ -385,17 +385,19 @@ class FraudAPI(ls.LitAPI):
 
     def _observe(self, champion, rows: list[Item]) -> None:
         "`observe` of the rows a champion's lineup scored: its monitor, the shadow's agreement metrics, the decision log."
+        shadowed = any(i.shadow is not None for i in rows)
+        if shadowed: _shadow_metrics(rows)
+        monitored = self.monitor and champion is self.monitored
+        if not (monitored or self.decision_log): return
         txs = [tx for i in rows for tx in i.txs]
         t = np.array([tx["tx_datetime"] for tx in txs], "datetime64[us]")
         cols = champion.columns
         x = np.concatenate([i.features[:, cols] if i.features is not None else np.full((len(i.ids), len(cols)), np.nan) for i in rows])
         score, prob = np.concatenate([i.scores for i in rows]), np.concatenate([i.probability for i in rows])
         amount = np.array([tx["tx_amount"] for tx in txs])
-        if self.monitor and champion is self.monitored:  # drift and performance are the model's: stand-in answers are counted apart (mlpay_standin)
+        if monitored:  # drift and performance are the model's: stand-in answers are counted apart (mlpay_standin)
             model = np.concatenate([np.full(len(i.ids), i.standin is None) for i in rows])
             if model.any(): self.monitor.observe(t[model].astype("datetime64[s]").astype(np.int64), x[model], score[model], prob[model], amount[model])
-        shadowed = any(i.shadow is not None for i in rows)
-        if shadowed: _shadow_metrics(rows)
         if self.decision_log:
             log = {"transaction_id": np.array([tx["transaction_id"] for tx in txs], np.int64), "tx_datetime": t,
                    "customer_id": np.array([tx["customer_id"] for tx in txs], np.int64),  # the card token (a raw card number never gets this far)

@@ -158,3 +158,15 @@ def test_a_shadow_the_state_cannot_serve_or_a_tampered_one_stops_the_start(packa
     out = subprocess.run([str(BIN / "mlpay-serve"), "--model", str(package / "model")], capture_output=True, text=True, timeout=60,
                          env={"PATH": str(BIN), "MLPAY_API_KEY": KEY, "MLPAY_ADMIN_KEY": KEY})
     assert out.returncode != 0 and "must differ from the API key" in out.stderr
+
+
+def test_the_shadow_is_measured_without_monitoring_or_a_decision_log(package, challenger, tmp_path):
+    bare = tmp_path / "bare"  # the champion without its reference profile: the server's monitoring is off
+    shutil.copytree(package / "model", bare)
+    m = json.loads((bare / "manifest.json").read_text())
+    del m["monitoring"]
+    (bare / "manifest.json").write_text(json.dumps(m))
+    with serving(bare, KEY, MLPAY_SHADOW_MODEL=challenger, MLPAY_WARM_FROM=package / "history.parquet", MLPAY_STATE_DIR=tmp_path / "state") as url:
+        assert json.loads(Client(url, KEY).request("GET", "/health")[1])["monitoring"].startswith("off")
+        tx, _ = send(url, package, days=(150, 151))
+        assert sum(observed(url, "mlpay_shadow_decisions_total", len(tx)).values()) == len(tx)
