@@ -29,7 +29,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=cfg["requirements"].split(),
-    extras_require={"train": cfg["train_requirements"].split(), "dev": cfg["dev_requirements"].split()},
+    extras_require={"train": cfg["train_requirements"].split(), "dev": cfg["dev_requirements"].split(),
+                    "ops": cfg["ops_requirements"].split()},
     python_requires=">=" + cfg["min_python"],
     zip_safe=False,
     entry_points={
