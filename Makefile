@@ -87,6 +87,9 @@ bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/
 	python bench/journal.py
 	python bench/resilience.py
 	python bench/fuzz.py
+	python bench/console.py
+	python bench/mcp_tools.py
+	python bench/agent.py
 
 bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, bf16 DDP training); CPU half without a GPU
 	python bench/gpu.py

@@ -14,13 +14,13 @@ import polars as pl
 from .decisions import read_labels
 
 # %% auto #0
-__all__ = ['SOURCES', 'STORE_SCHEMA', 'LabelStoreError', 'label_store', 'as_time', 'labels_as_of']
+__all__ = ['SOURCES', 'STORE_SCHEMA', 'LabelStoreError', 'feedback_labels', 'label_store', 'as_time', 'labels_as_of']
 
-# %% ../nbs/64_labels.ipynb #5532d5a1
+# %% ../nbs/64_labels.ipynb #71b8ae56
 class LabelStoreError(ValueError):
     "Bad input to the label store: a clear message naming the field or file, not a crash."
 
-SOURCES = ("data", "feedback")  # in this order at equal KNOWN_AT: feedback wins a tie
+SOURCES = ("data", "feedback", "case")  # in this order at equal KNOWN_AT: the later wins a tie
 STORE_SCHEMA = {"TRANSACTION_ID": pl.Int64, "TX_FRAUD": pl.Int8, "KNOWN_AT": pl.Datetime("us"), "SOURCE": pl.Enum(SOURCES)}
 _TX_COLUMNS = ("TRANSACTION_ID", "TX_DATETIME", "TX_FRAUD")
 
@@ -33,8 +33,10 @@ def _check_tx(tx: pl.DataFrame):
         ids = tx.filter(pl.col("TRANSACTION_ID").is_duplicated())["TRANSACTION_ID"].unique().sort().head(5).to_list()
         raise LabelStoreError(f"tx: {dup} duplicate TRANSACTION_ID(s), e.g. {ids}: one label per transaction needs unique ids")
 
-def _feedback(directory: Path | str, by: str) -> pl.DataFrame:
-    "The labels of a decision log directory, in the store's schema (KNOWN_AT naive UTC, like TX_DATETIME)."
+def feedback_labels(directory: Path | str, # a decision log directory (`mlpay.decisions.DecisionLog`)
+                    by: str = "labelled_at", # known at its `labelled_at`, or its `received_at`
+                   ) -> pl.DataFrame:
+    "The /feedback labels of a decision log, in the store's schema (KNOWN_AT naive UTC, like TX_DATETIME), SOURCE 'feedback'."
     d = Path(directory)
     if not d.is_dir(): raise LabelStoreError(f"{d}: no such decision log directory")
     if by not in ("labelled_at", "received_at"): raise LabelStoreError(f"by must be 'labelled_at' or 'received_at', got {by!r}")
@@ -43,11 +45,22 @@ def _feedback(directory: Path | str, by: str) -> pl.DataFrame:
         pl.col(by).dt.convert_time_zone("UTC").dt.replace_time_zone(None).cast(pl.Datetime("us")).alias("KNOWN_AT"),
         pl.lit("feedback", pl.Enum(SOURCES)).alias("SOURCE"))
 
+def _known(part: pl.DataFrame, data: pl.DataFrame, what: str, kind: str, unknown: str) -> pl.DataFrame:
+    "`part` (labels of one source), refused or dropped (with a warning) where its transactions are not in `data`."
+    stray = part.join(data.select("TRANSACTION_ID"), on="TRANSACTION_ID", how="anti")
+    if not len(stray): return part
+    what = (f"{what}: {len(stray)} label(s) of {stray['TRANSACTION_ID'].n_unique()} transaction(s) not in the "
+            f"transactions, e.g. {stray['TRANSACTION_ID'].unique().sort().head(5).to_list()}")
+    if unknown == "error": raise LabelStoreError(f"{what}: another dataset's {kind}? (unknown='drop' drops them)")
+    warnings.warn(f"{what}: dropped, since nothing is known of their features", stacklevel=3)
+    return part.join(stray.select("TRANSACTION_ID").unique(), on="TRANSACTION_ID", how="anti", maintain_order="left")
+
 def label_store(tx: pl.DataFrame, # transactions: TRANSACTION_ID (unique), TX_DATETIME, TX_FRAUD
                 label_delay_days: float, # the data's labels are known this long after their transaction (`label_delay_days`)
                 decision_log: Path | str | None = None, # a decision log directory whose /feedback labels join the store
                 *, by: str = "labelled_at", # a feedback label is known at its `labelled_at`, or its `received_at`
                 unknown: str = "error", # labels of transactions not in `tx`: "error", or "drop" them with a warning
+                cases=None, # a case store (`mlpay.cases.CaseStore`) whose resolved cases join the store, known when resolved
                ) -> pl.DataFrame:
     "Every label with when it became known (`STORE_SCHEMA`), in the order they became known."
     _check_tx(tx)
@@ -58,16 +71,10 @@ def label_store(tx: pl.DataFrame, # transactions: TRANSACTION_ID (unique), TX_DA
                      (pl.col("TX_DATETIME").cast(pl.Datetime("us")) + pl.duration(microseconds=round(label_delay_days * 86_400e6))).alias("KNOWN_AT"),
                      pl.lit("data", pl.Enum(SOURCES)).alias("SOURCE"))
     parts = [data]
-    if decision_log is not None:
-        fb = _feedback(decision_log, by)
-        stray = fb.join(data.select("TRANSACTION_ID"), on="TRANSACTION_ID", how="anti")
-        if len(stray):
-            what = (f"{decision_log}: {len(stray)} label(s) of {stray['TRANSACTION_ID'].n_unique()} transaction(s) not in the "
-                    f"transactions, e.g. {stray['TRANSACTION_ID'].unique().sort().head(5).to_list()}")
-            if unknown == "error": raise LabelStoreError(f"{what}: another dataset's log? (unknown='drop' drops them)")
-            warnings.warn(f"{what}: dropped, since nothing is known of their features", stacklevel=2)
-            fb = fb.join(stray.select("TRANSACTION_ID").unique(), on="TRANSACTION_ID", how="anti", maintain_order="left")
-        parts.append(fb)
+    if decision_log is not None: parts.append(_known(feedback_labels(decision_log, by), data, str(decision_log), "log", unknown))
+    if cases is not None:
+        if not callable(getattr(cases, "labels", None)): raise LabelStoreError(f"cases must be a CaseStore (mlpay.cases), got {type(cases).__name__}")
+        parts.append(_known(cases.labels(), data, f"cases {cases!r}", "cases", unknown))
     return pl.concat(parts).sort("KNOWN_AT", "SOURCE", maintain_order=True)
 
 # %% ../nbs/64_labels.ipynb #776d519c

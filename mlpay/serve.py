@@ -404,6 +404,7 @@ class FraudAPI(ls.LitAPI):
                    "terminal_id": np.array([tx["terminal_id"] for tx in txs], np.int64), "tx_amount": amount,
                    **{f"f.{c}": x[:, j] for j, c in enumerate(champion.package.manifest["columns"])}, "score": score, "probability": prob,
                    "decision": np.concatenate([i.decisions for i in rows]), "reasons": [[r["code"] for r in rs] for i in rows for rs in i.reasons],
+                   "reason_shares": [[r["share"] for r in rs] for i in rows for rs in i.reasons],  # a case shows them as a chart
                    "standin": [i.standin for i in rows for _ in i.ids], "model_version": [v for i in rows for v in self.scorer.versions(i)]}
             self.decision_log.decisions(log | _shadow_columns(rows) if shadowed else log)
 

@@ -166,3 +166,36 @@ def challenger(package):
     evaluate(["--predictions", f"{d}/train/predictions.parquet", "--out-dir", f"{d}/eval", "--package", f"{d}/train", "data=tiny"])
     write_package(d / "train", d / "model", feats, compose(["debug=fast", "export.variants=[]", "reasons.faithfulness.min_rate=0"]))
     return d / "model"
+
+
+PG_BIN = Path(os.environ.get("MLPAY_PG_BIN", "/usr/lib/postgresql/15/bin"))  # Debian's postgresql-15 server binaries
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    "A PostgreSQL 15 server of the tests' own (initdb into a temporary directory, a free loopback port, its socket in that directory), stopped at teardown; its SQLAlchemy URL."
+    import tempfile
+    pg_ctl, initdb = PG_BIN / "pg_ctl", PG_BIN / "initdb"
+    if not (pg_ctl.exists() and initdb.exists()):
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} (apt-get install postgresql-15, or set MLPAY_PG_BIN): the PostgreSQL paths are untested")
+    d = Path(tempfile.mkdtemp(prefix="mlpay-pg-"))  # under /tmp: the postgres user must reach it (pytest's own tmp dirs are root's, 0700)
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(d, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, log = d / "data", d / "server.log"
+    def pg(*args, check=True):
+        proc = subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+        if check and proc.returncode: raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{log.read_text() if log.exists() else ''}")
+        return proc
+    pg(initdb, "-D", data, "-U", "mlpay", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+    opts = f"-p {port} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    pg(pg_ctl, "-D", data, "-l", log, "-o", opts, "-w", "-t", "60", "start")
+    try:
+        yield f"postgresql+psycopg://mlpay@127.0.0.1:{port}/postgres"
+    finally:
+        pg(pg_ctl, "-D", data, "-m", "fast", "-w", "-t", "30", "stop", check=False)
+        shutil.rmtree(d, ignore_errors=True)
