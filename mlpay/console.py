@@ -45,8 +45,9 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
-# %% ../nbs/72_console.ipynb #97059abd
-from .cases import CaseError, CaseNotFound, CaseStore, has_card_number, reason_text, send_labels
+# %% ../nbs/72_console.ipynb #196ccb25
+from .cases import CaseError, CaseNotFound, CaseStore, reason_text, send_labels
+from .transactions import has_card_number
 from .files import atomic_path
 from .package import load_package
 

@@ -28,6 +28,7 @@ import yaml
 
 README_NOTE = "<!-- Generated from nbs/{nb} by `make readme`: edit the notebook, not this file. -->"
 _QUARTO_ATTRS = re.compile(r"\]\(([^)\s]*)\)\{[^}]*\}")
+_NB_IMAGE = re.compile(r"(!\[[^\]]*\]\()(?![a-z]+:|/)")  # an image path relative to the notebook (nbs/), not a URL
 _DIRECTIVE = re.compile(r"^#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
 
 
@@ -102,8 +103,8 @@ def render_readme():
                 parts.append("```python\n" + src.strip("\n") + "\n```")
             if d.get("output", "true").lower() != "false":
                 parts += _outputs_md(c, path)
-        elif src.strip():
-            parts.append(src.strip("\n"))
+        elif src.strip():  # README.md sits one level above the notebook: its images are under nbs/
+            parts.append(_NB_IMAGE.sub(rf"\1{os.path.relpath(cfg.nbs_path, cfg.config_path)}/", src.strip("\n")))
     return "\n\n".join(parts) + "\n"
 
 
@@ -204,6 +205,8 @@ def site(n_workers):
         failed = [(s, m) for s, m in ex.map(nbdocs._process, jobs) if m]
     shutil.rmtree(docs, ignore_errors=True)
     docs.mkdir(parents=True)
+    if (nbs / "images").is_dir():  # the pages' images, at the same relative paths as beside the notebooks
+        shutil.copytree(nbs / "images", docs / "images")
     processed, bad = [], {s for s, _ in failed}
     for src, dst in jobs:
         if src in bad:
