@@ -668,7 +668,7 @@ def _metrics_endpoint(request: Request) -> Response:
         _watch(_monitor(orjson.loads((Path(pkg) / "manifest.json").read_bytes()))[0])
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
-# %% ../nbs/52_serve.ipynb #b2d153ae
+# %% ../nbs/52_serve.ipynb #27ce9aea
 def serving_device() -> str:
     "'cuda' when onnxruntime has its CUDA provider and a GPU is visible, else 'cpu'."
     # not LitServe's accelerator="auto": it picks cuda only once torch is imported, and the serving images have no torch
@@ -842,6 +842,9 @@ def build_server(model_dir: Path | str, # a model package directory
     _metrics_dir(settings)
     os.environ["MLPAY_MONITOR_PACKAGE"] = str(Path(model_dir).resolve())  # the HTTP processes add up the workers' monitoring dumps
     api = FraudAPI(model_dir, settings)
+    # LitServe 0.2.19 mounts an MCP endpoint of its own whenever a package named `mcp` is installed, with code that
+    # needs `fastmcp` and mcp 1.x: with mcp 2.x (the ops extra) it fails at start. mlpay serves MCP from mlpay-mcp.
+    ls.server._MCP_AVAILABLE = False
     server = ls.LitServer(api, accelerator=serving_device(), workers_per_device=settings.workers, timeout=settings.timeout_s,
                           fast_queue=True, middlewares=[_edge(settings)])
     _common_routes(server.app)
