@@ -279,14 +279,16 @@ def test_end_to_end_in_chromium(package, tmp_path):
                     MLPAY_DECISION_LOG_FILE_AGE_S=1, MLPAY_OBSERVE_EVERY_S=0.1)
     console = None
     try:
-        assert scored_reviews(server, package) > 0
+        reviews = scored_reviews(server, package)
+        assert reviews > 0
         add_user(tmp_path / "users.json", "ana", PASSWORD, n=2**10)
         console = Console({"MLPAY_CONSOLE_CASES_DIR": tmp_path / "cases", "MLPAY_CONSOLE_DECISION_LOG_DIR": log_dir,
                            "MLPAY_CONSOLE_MODEL": package / "model", "MLPAY_CONSOLE_TRANSACTIONS": package / "transactions.parquet",
                            "MLPAY_CONSOLE_SCORING_URL": f"http://127.0.0.1:{server.port}", "MLPAY_CONSOLE_API_KEY": KEY,
                            "MLPAY_CONSOLE_USERS_FILE": tmp_path / "users.json", "MLPAY_CONSOLE_SESSION_SECRET": SECRET,
                            "MLPAY_CONSOLE_INTAKE_INTERVAL_S": 0.5}, tmp_path / "console.log")
-        until(lambda: (console.get_health()["active_cases"] or 0) > 0 and console.get_health()["evidence"] == "loaded", 60, "the console's intake")
+        # every review becomes a case once its log file is finished and taken in: wait for all, so the top case stays the top
+        until(lambda: console.get_health()["active_cases"] == reviews and console.get_health()["evidence"] == "loaded", 60, "the console's intake")
         store = CaseStore(tmp_path / "cases")
         top = store.queue(limit=1)[0]
         problems = []
