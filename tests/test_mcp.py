@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from datetime import datetime, timedelta
@@ -27,8 +26,9 @@ from mlpay.cases import CaseStore
 from mlpay.decisions import DecisionLog
 from mlpay.ledger import read_ledger, verify
 from mlpay.mcpserver import McpSettings, build_server, new_key
+from test_serve import free_port
 
-MAIN = [sys.executable, "-c", "from mlpay.mcpserver import main; main()"]
+MAIN = [str(BIN / "mlpay-mcp")]  # the console script, as installed
 SCORING_KEY = "mcp-test-scoring-" + "k" * 16
 
 
@@ -39,11 +39,6 @@ def run(fn):
         e = g
         while isinstance(e, BaseExceptionGroup): e = e.exceptions[0]
         raise e from None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
 def write_log(directory: Path, rows: dict) -> None:
