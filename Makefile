@@ -14,7 +14,7 @@ help: ## list the targets
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[train,dev,ops]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,ops,spark]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install mlpay with its pinned dependencies
@@ -31,9 +31,10 @@ pipeline: data ## run the DVC pipeline end to end: features, train, evaluate, ex
 	dvc repro
 	@dvc status
 
-system-deps: ## install the system packages tests and benchmarks use (redis-server, wrk, prometheus with promtool, postgresql, chromium) when missing
+system-deps: ## install the system packages tests and benchmarks use (redis-server, wrk, prometheus with promtool, postgresql, chromium, Java 17 for Spark) when missing
 	@missing=""; for p in redis-server wrk prometheus chromium; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq$$missing >/dev/null; fi
 

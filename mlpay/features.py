@@ -88,15 +88,23 @@ def compute_features(tx: pl.DataFrame, # transactions in the canonical schema
 
 # %% ../nbs/11_features.ipynb #304a22c2
 def main(argv=None):
-    "`mlpay-features [--params params.yaml] [key=value ...]`: transactions -> features Parquet."
+    "`mlpay-features [--params params.yaml] [--engine polars|spark] [key=value ...]`: transactions -> features Parquet."
     from mlpay.transactions import read_transactions
     p = stage_parser(main.__doc__)
     p.add_argument("--data", help="transactions (default: paths.transactions)")
-    p.add_argument("--out", help="features Parquet (default: paths.features)")
+    p.add_argument("--out", help="features Parquet (default: paths.features); with --engine spark, a path not ending in .parquet is a dataset directory")
+    p.add_argument("--engine", choices=["polars", "spark"], default="polars", help="polars: one machine, in memory; spark: mlpay.spark, local or on a cluster (the `spark` config)")
     a = p.parse_args(argv)
     cfg = stage_config(a)
+    data, out = a.data or cfg.paths.transactions, a.out or cfg.paths.features
     try: registry = FeatureRegistry.from_cfg(cfg)
     except ValueError as e: raise SystemExit(f"error: {e}") from None
-    feats = compute_features(read_transactions(a.data or cfg.paths.transactions), registry)
-    with atomic_path(a.out or cfg.paths.features) as tmp: feats.write_parquet(tmp, compression="zstd")
-    print(f"{len(feats):,} transactions, {len(registry.names)} features -> {a.out or cfg.paths.features}")
+    if a.engine == "spark":
+        from mlpay import spark
+        try: n = spark.run(data, out, registry, cfg.get("spark"))
+        except ValueError as e: raise SystemExit(f"error: {data}: {e}") from None
+    else:
+        feats = compute_features(read_transactions(data), registry)
+        with atomic_path(out) as tmp: feats.write_parquet(tmp, compression="zstd")
+        n = len(feats)
+    print(f"{n:,} transactions, {len(registry.names)} features -> {out} ({a.engine})")

@@ -17,9 +17,10 @@ import lightning as L
 import numpy as np
 import polars as pl
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler, WeightedRandomSampler
 
 from .config import stage_config, stage_parser
 from .files import atomic_path
@@ -29,8 +30,9 @@ from .protocol import prequential_folds
 from .sequences import history_index, history_steps
 
 # %% auto #0
-__all__ = ['PREDICTION_COLUMNS', 'model_inputs', 'ArrayDataset', 'loader', 'build_module', 'make_trainer', 'predict', 'silenced',
-           'split_by_time', 'fit', 'training_window', 'train', 'main']
+__all__ = ['PREDICTION_COLUMNS', 'model_inputs', 'ArrayDataset', 'ShardedSampler', 'loader', 'build_module', 'make_trainer',
+           'predict', 'silenced', 'split_by_time', 'fit', 'rank_batch_size', 'training_window', 'train', 'main',
+           'torchrun_command']
 
 # %% ../nbs/23_train.ipynb #0a966d53
 def model_inputs(feats: pl.DataFrame, # transactions with their features
@@ -56,21 +58,47 @@ class ArrayDataset(Dataset):
 
 def _as_batch(batch): return batch  # __getitems__ already built the batch
 
+def _group() -> bool: return dist.is_available() and dist.is_initialized()
+
+class ShardedSampler(DistributedSampler):
+    "`base`'s order for the epoch, dealt round-robin: rank r of W takes its positions r, r+W, r+2W, ..."
+    def __init__(self, base: Sampler, # one process's order (shuffled, balanced or sequential)
+                 even: bool = True, # pad with the epoch's first rows to a multiple of W: every rank takes as many steps
+                 num_replicas: int | None = None, rank: int | None = None, # default: the process group's, when an epoch starts
+                ):
+        # No DistributedSampler.__init__: it needs the process group, which Lightning starts only in `trainer.fit`.
+        # Being a DistributedSampler is what counts: Lightning then keeps this sampler instead of putting its own in.
+        self.base, self.even, self._replicas, self._rank = base, even, num_replicas, rank
+    @property
+    def num_replicas(self) -> int: return self._replicas if self._replicas is not None else dist.get_world_size() if _group() else 1
+    @property
+    def rank(self) -> int: return self._rank if self._rank is not None else dist.get_rank() if _group() else 0
+    def set_epoch(self, epoch): pass  # `base` draws every epoch's order from its own generator, as in one process
+    def __iter__(self):
+        idx, w = list(self.base), self.num_replicas
+        pad = -len(idx) % w if self.even else 0
+        return iter((idx + (idx * pad)[:pad])[self.rank::w])
+    def __len__(self):
+        n, w = len(self.base), self.num_replicas
+        return -(-n // w) if self.even else len(range(self.rank, n, w))
+
 def loader(arrays: dict[str, np.ndarray], # inputs and `y`
-           batch_size: int, # rows per batch
+           batch_size: int, # rows per batch (of each rank, under DDP)
            shuffle: bool = False, # reshuffle every epoch
            balanced: bool = False, # sample frauds and genuine rows equally often (with replacement)
            seed: int = 0, # sampling seed
           ) -> DataLoader:
-    "A DataLoader over in-memory arrays."
+    "A DataLoader over in-memory arrays; under DDP, each rank's share of one process's batches."
     ds = ArrayDataset(arrays)
+    gen = torch.Generator().manual_seed(seed)
     if balanced:
         y = arrays["y"]
         w = np.where(y > 0, 0.5 / max(y.sum(), 1), 0.5 / max((1 - y).sum(), 1))
-        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(y), generator=torch.Generator().manual_seed(seed))
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+        base = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(y), generator=gen)
+    else: base = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+    # A shuffling DataLoader also draws its workers' base seed from that generator: keep doing so (same orders as ever).
+    return DataLoader(ds, batch_size=batch_size, sampler=ShardedSampler(base, even=shuffle or balanced), collate_fn=_as_batch,
+                      generator=gen if shuffle and not balanced else None)
 
 # %% ../nbs/23_train.ipynb #a26b0b2f
 def build_module(model: DictConfig, # a conf/model entry
@@ -161,7 +189,7 @@ def _fit(cfg, model, feats, train_rows, val_rows, refit_rows, quiet, history):
     trainer = make_trainer(cfg, checkpoints=not quiet, logger=not quiet, **(dict(enable_progress_bar=False) if quiet else {}))
     best = _BestWeights()
     trainer.callbacks.append(best)
-    bs = model.batch_size
+    bs = rank_batch_size(model.batch_size, trainer.world_size)
     t0 = time.perf_counter()
     trainer.fit(module, loader(tr, bs, shuffle=True, balanced=model.imbalance == "sample", seed=cfg.train.seed), loader(va, 4 * bs))
     seconds = time.perf_counter() - t0
@@ -176,6 +204,13 @@ def _fit(cfg, model, feats, train_rows, val_rows, refit_rows, quiet, history):
                                enable_progress_bar=not quiet, limit_val_batches=0)
         trainer.fit(module, loader(rf, bs, shuffle=True, balanced=model.imbalance == "sample", seed=cfg.train.seed))
     return module, summary
+
+def rank_batch_size(batch_size: int, # `model.batch_size`: the rows of one optimiser step, all processes together
+                    world_size: int, # the processes that train together (`trainer.world_size`)
+                   ) -> int:
+    "Rows per process and step: the global batch shared out evenly, so that W processes take the steps one would."
+    if batch_size % world_size: raise ValueError(f"model.batch_size={batch_size} is the global batch: it must divide by the {world_size} training processes")
+    return batch_size // world_size
 
 class _BestWeights(L.Callback):
     "Keeps the weights of the epoch with the best val/ap in memory (no checkpoint file needed)."
@@ -229,3 +264,17 @@ def main(argv=None):
     if summary["rank"] == 0:
         print(f"trained {summary['epochs']} epochs (best {summary['best_epoch']}): val AP {summary['val_ap']:.4f}, "
               f"{summary['samples_per_s']:,.0f} samples/s")
+
+# %% ../nbs/23_train.ipynb #dfeaed2a
+def torchrun_command(nodes: int, # machines (pods) training together: torchrun's --nnodes, Lightning's trainer.num_nodes
+                    devices: int, # processes per node, one per device: --nproc-per-node, trainer.devices
+                    endpoint: str, # HOST:PORT of the rendezvous store, served by the node whose address HOST is
+                    *overrides: str, # more `mlpay-train` overrides (trainer=gpu, model, paths)
+                    join_timeout: int | None = None, # seconds the nodes wait for each other (torchrun's default: 600)
+                    rdzv_id: str = "mlpay-train", # the nodes with the same id train together
+                   ) -> list[str]:
+    "The command every node runs: torchrun's c10d rendezvous, then `mlpay-train` under Lightning DDP on nodes x devices processes."
+    conf = [f"--rdzv-conf=join_timeout={join_timeout}"] if join_timeout else []
+    return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={devices}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={rdzv_id}", *conf, "--no-python", "mlpay-train", *overrides,
+            "trainer.strategy=ddp", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"]
