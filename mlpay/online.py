@@ -522,34 +522,63 @@ class MemoryStore:
                     "frauds": sum(len(f) for f in t.frauds.values()), "cards": len(c), "terminals": len(t.times)}
 
 # %% ../nbs/50_online.ipynb #53db3d8e
-_RECORD = """
--- KEYS: card, terminal, fraud, tx bucket, watermark
--- ARGV: id, t, card member, payload, card cut, terminal cut, n_history, view lo, view hi, lateness,
---       card ttl (0: persist), terminal ttl, tx ttl, view ('0': record only, as a backlog written back needs)
-local wm = redis.call('GET', KEYS[5])
-if wm and tonumber(ARGV[2]) < tonumber(wm) - tonumber(ARGV[10]) then return redis.error_reply('LATE ' .. wm) end
-local prev = redis.call('HGET', KEYS[4], ARGV[1])
-if not prev then
-  if not wm or tonumber(ARGV[2]) > tonumber(wm) then redis.call('SET', KEYS[5], ARGV[2]) end
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[13])
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  local drop = math.min(redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[5]), redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[7]))
-  if drop > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, drop - 1) end
-  if ARGV[11] == '0' then redis.call('PERSIST', KEYS[1]) else redis.call('EXPIRE', KEYS[1], ARGV[11]) end
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[2] .. ':' .. ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
-  redis.call('EXPIRE', KEYS[2], ARGV[12])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
-  prev = ''
+# The steps of recording a transaction, one Lua function each, over one entity's keys (see the prose above); the
+# scripts below compose them: all four in one script on a single Redis, one script per step on a cluster.
+_STEPS = """
+local function late(wm, t, lateness)  -- the watermark when t is too far behind it, else nil
+  local v = redis.call('GET', wm)
+  if v and tonumber(t) < tonumber(v) - tonumber(lateness) then return v end
 end
-if ARGV[14] == '0' then return {prev} end
+local function advance(wm, t)
+  local v = redis.call('GET', wm)
+  if not v or tonumber(t) > tonumber(v) then redis.call('SET', wm, t) end
+end
+local function index(bucket, id, payload, ttl)  -- what the index held for id ('' when new: it holds payload now)
+  local prev = redis.call('HGET', bucket, id)
+  if prev then return prev end
+  redis.call('HSET', bucket, id, payload)
+  redis.call('EXPIRE', bucket, ttl)
+  return ''
+end
+local function forget(bucket, id, payload)  -- undo index
+  if redis.call('HGET', bucket, id) == payload then redis.call('HDEL', bucket, id) end
+end
+local function card(key, t, member, cut, n_history, ttl, view)  -- the card's entries ('' unless view is '1')
+  redis.call('ZADD', key, t, member)
+  local drop = math.min(redis.call('ZCOUNT', key, '-inf', '(' .. cut), redis.call('ZCARD', key) - tonumber(n_history))
+  if drop > 0 then redis.call('ZREMRANGEBYRANK', key, 0, drop - 1) end
+  if ttl == '0' then redis.call('PERSIST', key) else redis.call('EXPIRE', key, ttl) end
+  if view ~= '1' then return '' end
+  return table.concat(redis.call('ZRANGE', key, 0, -1), ',')
+end
 local function times(r) for i = 1, #r do r[i] = string.match(r[i], '^[^:]+') end return table.concat(r, ',') end
-return {prev, table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ','),
-        times(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[8], ARGV[9])),
-        times(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[8], ARGV[9]))}
+local function terminal(term, fraud, t, id, cut, ttl, lo, hi, view)  -- the terminal's transaction and fraud times in (lo, hi]
+  redis.call('ZADD', term, t, t .. ':' .. id)
+  redis.call('ZREMRANGEBYSCORE', term, '-inf', '(' .. cut)
+  redis.call('EXPIRE', term, ttl)
+  redis.call('ZREMRANGEBYSCORE', fraud, '-inf', '(' .. cut)
+  if view ~= '1' then return '', '' end
+  return times(redis.call('ZRANGEBYSCORE', term, '(' .. lo, hi)), times(redis.call('ZRANGEBYSCORE', fraud, '(' .. lo, hi))
+end
 """
-_MAX = "local v = redis.call('GET', KEYS[1]) if not v or tonumber(ARGV[1]) > tonumber(v) then redis.call('SET', KEYS[1], ARGV[1]) end"
+# KEYS: watermark, tx bucket, card, terminal, fraud; ARGV: the steps' arguments in that order (`RedisStore._steps`)
+_RECORD = _STEPS + """
+local wm = late(KEYS[1], ARGV[1], ARGV[2])
+if wm then return redis.error_reply('LATE ' .. wm) end
+local prev = index(KEYS[2], ARGV[3], ARGV[4], ARGV[5])
+if prev ~= '' and prev ~= ARGV[4] then return {prev} end
+advance(KEYS[1], ARGV[1])
+return {prev, card(KEYS[3], unpack(ARGV, 6, 11)), terminal(KEYS[4], KEYS[5], unpack(ARGV, 12, 18))}
+"""
+_ONE_SLOT = {  # a cluster's scripts, one step each
+    "late": _STEPS + "local wm = late(KEYS[1], unpack(ARGV)) if wm then return redis.error_reply('LATE ' .. wm) end advance(KEYS[1], ARGV[1]) return 0",
+    "index": _STEPS + "return index(KEYS[1], unpack(ARGV))",
+    "forget": _STEPS + "forget(KEYS[1], unpack(ARGV)) return 0",
+    "card": _STEPS + "return card(KEYS[1], unpack(ARGV))",
+    "terminal": _STEPS + "return {terminal(KEYS[1], KEYS[2], unpack(ARGV))}",
+    "advance": _STEPS + "advance(KEYS[1], ARGV[1]) return 0",
+}
+_LAYOUT = 2 # the key layout's version, kept with the retention: 2 put the terminal's keys in one hash slot
 TX_BUCKET_BITS = 16 # transaction ids per hash of the transaction index: 2**16
 
 def _bits(amount: float) -> int:
@@ -560,72 +589,133 @@ def _ints(joined: bytes) -> np.ndarray:
     "The integers of a reply like b'1,2:3,4'."
     return np.array(joined.replace(b":", b",").split(b","), dtype=np.int64) if joined else _NONE
 
+def _is_late(reply) -> bool: return isinstance(reply, Exception) and str(reply).startswith("LATE")
+
+def _request_timeout(cluster, timeout_s: float | None) -> None:
+    "Give a cluster client that connected with a longer timeout the request timeout, for every node it knows and finds later."
+    kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}  # redis-py has no setter: the settings new connections get
+    cluster.nodes_manager.connection_kwargs.update(kw)
+    for node in cluster.get_nodes():
+        pool = node.redis_connection.connection_pool
+        pool.connection_kwargs.update(kw)
+        pool.disconnect(); pool.reset()  # the connections made while connecting go
+
 class RedisStore:
-    "Online state in Redis, shared by every worker and replica that uses the same `url` and `prefix`."
-    def __init__(self, url: str = "redis://localhost:6379/0", # the Redis server
+    "Online state in Redis or Redis Cluster, shared by every worker and replica that uses the same `url` and `prefix`."
+    def __init__(self, url: str = "redis://localhost:6379/0", # the Redis server, or any node of a cluster
                  prefix: str = "mlpay", # namespace of the keys
                  timeout_s: float | None = None, # a read or write slower than this raises `StateUnavailable` (None: wait)
                 ):
         import redis
         from redis.backoff import NoBackoff
+        from redis.cluster import RedisCluster
+        from redis.exceptions import NoScriptError, RedisClusterException
         from redis.retry import Retry
         # No retries inside a request: redis-py's default (10, with backoff) turns a Redis outage into seconds per
         # request; the server answers with a stand-in decision at once and probes the store on its own.
-        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
-        # bulk writes (warming, a backlog written back) take longer than one request may: their own client and timeout
-        self.bulk = redis.Redis.from_url(url, socket_timeout=None if timeout_s is None else max(30.0, timeout_s), retry=Retry(NoBackoff(), 0))
+        no = dict(retry=Retry(NoBackoff(), 0))
+        # bulk writes (warming, a backlog written back) and connecting (a cluster reads its slot map and command
+        # table) take longer than one request may: their own timeout, and the bulk writes their own client
+        slow = None if timeout_s is None else max(30.0, timeout_s)
         self.prefix, self.keep = prefix, None
-        try: self.redis.ping()
-        except redis.RedisError as e: raise ConnectionError(f"cannot reach Redis at {url}: {e}") from None
-        self._record, self._max = self.redis.register_script(_RECORD), self.redis.register_script(_MAX)
-        self._error, self._down = redis.ResponseError, redis.RedisError
+        self._error, self._down, self._noscript = redis.ResponseError, (redis.RedisError, RedisClusterException), NoScriptError
+        try:
+            self.bulk = redis.Redis.from_url(url, socket_timeout=slow, socket_connect_timeout=slow, **no)
+            self.cluster = self.bulk.info("cluster").get("cluster_enabled") == 1
+            if self.cluster:
+                self.bulk.close()
+                self.bulk = RedisCluster.from_url(url, socket_timeout=slow, socket_connect_timeout=slow, **no)
+                self.redis = RedisCluster.from_url(url, socket_timeout=slow, socket_connect_timeout=slow, **no)
+                _request_timeout(self.redis, timeout_s)
+            else: self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **no)
+        except self._down as e: raise ConnectionError(f"cannot reach Redis at {url}: {e}") from None
+        self._record = self.redis.register_script(_RECORD)
+        self._scripts = {name: self.redis.register_script(s) for name, s in _ONE_SLOT.items()}
+        self._wm = f"{prefix}:watermark"
 
-    def _key(self, kind: str, k: int) -> str: return f"{self.prefix}:{kind}:{k}"
+    def _key(self, kind: str, k: int) -> str:
+        # a terminal's two keys share a hash tag, hence a cluster's slot: one script updates and reads both
+        return f"{self.prefix}:{kind}:{{{k}}}" if kind in ("term", "fraud") else f"{self.prefix}:{kind}:{k}"
 
     def empty(self) -> bool:
         "True while nothing was recorded or loaded under this prefix (there is no watermark yet)."
-        return not self.redis.exists(f"{self.prefix}:watermark")
+        return not self.redis.exists(self._wm)
 
     def bind(self, keep: Retention) -> None:
-        "Check (or set) the retention this Redis state is kept for: every worker must use the same."
-        key, want = f"{self.prefix}:retention", json.dumps(asdict(keep), sort_keys=True)
+        "Check (or set) the retention this Redis state is kept for: every worker must use the same (and the same key layout)."
+        key, want = f"{self.prefix}:retention", json.dumps(asdict(keep) | {"layout": _LAYOUT}, sort_keys=True)
         self.redis.set(key, want, nx=True)
         have = self.redis.get(key).decode()
-        if have != want: raise ValueError(f"the Redis state under {self.prefix!r} is kept for another retention {have}, not {want}")
+        if have != want: raise ValueError(f"the Redis state under {self.prefix!r} is kept for another retention or key layout {have}, not {want}")
         self.keep = keep
         self._ttl = {"card": (keep.card_us if keep.n_history == 0 else keep.card_idle_us or 0) // 10**6,
                      "terminal": keep.terminal_us // 10**6 + 1}
 
+    def _steps(self, x: Tx, view: bool) -> tuple[str, tuple]:
+        "`x`'s transaction-index payload, and the (keys, arguments) of each step: late, index, card, terminal."
+        keep, bits, ttl = self.keep, _bits(x.amount), self._ttl
+        payload, known, view = f"{x.t}|{x.card}|{x.terminal}|{bits}", x.t - keep.label_delay_us, int(view)
+        return payload, (([self._wm], [x.t, keep.lateness_us]),
+                         ([self._key("tx", x.id >> TX_BUCKET_BITS)], [x.id, payload, ttl["terminal"]]),
+                         ([self._key("card", x.card)], [x.t, f"{x.t}:{x.id:020d}:{bits}", keep.card_cut(x.t), keep.n_history, ttl["card"], view]),
+                         ([self._key("term", x.terminal), self._key("fraud", x.terminal)],
+                          [x.t, x.id, keep.terminal_cut(x.t), ttl["terminal"], known - keep.terminal_window_us, known, view]))
+
     def record(self, x: Tx) -> View:
-        "Add `x` unless its id is known and return its view, atomically (one Lua script); `StateUnavailable` when Redis cannot."
-        keep = self.keep
-        keys, args, payload = self._keys_args(x)
-        try: return self._view(x, payload, self._record(keys=keys, args=args + [1]))
+        "Record `x` once (a retry adds nothing) and return its view: one atomic script on a single Redis; `StateUnavailable` when Redis cannot."
+        payload, steps = self._steps(x, True)
+        try:
+            if self.cluster: reply = self._split(self.redis, [(payload, steps)])[0]
+            else: reply = self._record(keys=[k for s in steps for k in s[0]], args=[a for s in steps for a in s[1]])
+            if isinstance(reply, Exception): raise reply
         except self._error as e:
-            if str(e).startswith("LATE"): raise _late(x, int(str(e).split()[1]), keep) from None
+            if _is_late(e): raise _late(x, int(str(e).split()[1]), self.keep) from None
             raise StateUnavailable(f"Redis refused the record script: {type(e).__name__}") from None
         except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
+        return self._view(x, payload, reply)
 
-    def _keys_args(self, x: Tx) -> tuple[list, list, str]:
-        "The record script's keys and arguments for `x`, and its transaction-index payload."
-        keep, bits = self.keep, _bits(x.amount)
-        payload = f"{x.t}|{x.card}|{x.terminal}|{bits}"
-        known = x.t - keep.label_delay_us
-        keys = [self._key("card", x.card), self._key("term", x.terminal), self._key("fraud", x.terminal),
-                self._key("tx", x.id >> TX_BUCKET_BITS), f"{self.prefix}:watermark"]
-        args = [x.id, x.t, f"{x.t}:{x.id:020d}:{bits}", payload, keep.card_cut(x.t), keep.terminal_cut(x.t), keep.n_history,
-                known - keep.terminal_window_us, known, keep.lateness_us, self._ttl["card"], self._ttl["terminal"], self._ttl["terminal"]]
-        return keys, args, payload
+    def _split(self, client, jobs: list[tuple[str, tuple]]) -> list:
+        "Record on a cluster, in two pipelined round trips (late and index, then card and terminal): each job's reply, or the error that refused it."
+        first = self._eval(client, [(name, *step) for _, steps in jobs for name, step in zip(("late", "index"), steps)])
+        out, then, undo = [], [], []
+        for i, (payload, (_, index, card, terminal)) in enumerate(jobs):
+            ok, prev = first[2 * i:2 * i + 2]
+            out.append(prev if isinstance(prev, Exception) else ok if isinstance(ok, Exception) else [prev])
+            if isinstance(prev, Exception): continue
+            if isinstance(ok, Exception):
+                if prev == b"" and _is_late(ok): undo.append(("forget", index[0], [index[1][0], payload]))  # added for nothing
+            elif not prev or prev.decode() == payload: then.append((i, card, terminal))  # new, or a retry: its entries again
+        second = self._eval(client, [(name, *step) for _, *steps in then for name, step in zip(("card", "terminal"), steps)] + undo)
+        for j, (i, _, _) in enumerate(then):  # (a failed undo leaves an index entry, whose label would count: rare, not worth a retry)
+            card, terminal = second[2 * j:2 * j + 2]
+            bad = [r for r in (card, terminal) if isinstance(r, Exception)]
+            out[i] = bad[0] if bad else out[i] + [card, *terminal]
+        return out
+
+    def _eval(self, client, calls: list[tuple[str, list, list]]) -> list:
+        "Run (script name, keys, args) calls in one pipeline; the replies, errors included. A node without a script (restarted, or new) gets it, and its calls run again."
+        def run(calls):
+            if not calls: return []
+            pipe = client.pipeline(transaction=False)
+            for name, keys, args in calls:  # the node named: else redis-py asks a node for the keys of each EVALSHA (COMMAND GETKEYS)
+                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args, target_nodes=client.get_node_from_key(keys[0]))
+            return pipe.execute(raise_on_error=False)
+        replies = run(calls)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, self._noscript)]
+        for name in {calls[i][0] for i in missing}: client.script_load(self._scripts[name].script)  # a cluster loads it on every primary
+        for i, r in zip(missing, run([calls[i] for i in missing])): replies[i] = r
+        return replies
 
     @staticmethod
     def _view(x: Tx, payload: str, reply) -> View:
         "The view of the record script's reply; a reply that does not parse is `StateUnavailable` (never a wrong feature)."
         try:
-            prev, card, term, fraud = reply
-            prev = prev.decode() if prev else ""
-            t, ids, bits = _ints(card).reshape(-1, 3).T.copy()
-            view = View(t, ids, bits.view(np.float64), _ints(term), _ints(fraud))
-        except (TypeError, ValueError, AttributeError, UnicodeDecodeError): raise StateUnavailable("Redis answered the record script with a reply that does not parse") from None
+            prev = reply[0].decode() if reply[0] else ""
+            if not prev or prev == payload:
+                _, card, term, fraud = reply
+                t, ids, bits = _ints(card).reshape(-1, 3).T.copy()
+                view = View(t, ids, bits.view(np.float64), _ints(term), _ints(fraud))
+        except (TypeError, ValueError, AttributeError, IndexError, UnicodeDecodeError): raise StateUnavailable("Redis answered the record script with a reply that does not parse") from None
         if prev and prev != payload: raise _changed(x, prev)
         return view
 
@@ -634,20 +724,23 @@ class RedisStore:
         refused = 0
         try:
             for at in range(0, len(xs), chunk):
-                pipe = self.bulk.pipeline(transaction=False)
-                jobs = [(x, *self._keys_args(x)) for x in xs[at:at + chunk]]
-                for _, keys, args, _ in jobs: self._record(keys=keys, args=args + [0], client=pipe)  # no views: writes only
-                for (x, _, _, payload), reply in zip(jobs, pipe.execute(raise_on_error=False)):
-                    if isinstance(reply, Exception):
-                        if not str(reply).startswith("LATE"): raise StateUnavailable(f"Redis refused the record script: {type(reply).__name__}")
-                        refused += 1
+                jobs = [self._steps(x, False) for x in xs[at:at + chunk]]
+                if self.cluster: replies = self._split(self.bulk, jobs)
+                else:
+                    pipe = self.bulk.pipeline(transaction=False)
+                    for _, steps in jobs: self._record(keys=[k for s in steps for k in s[0]], args=[a for s in steps for a in s[1]], client=pipe)
+                    replies = pipe.execute(raise_on_error=False)
+                for (payload, _), reply in zip(jobs, replies):
+                    if _is_late(reply): refused += 1
+                    elif isinstance(reply, Exception): raise reply
                     elif reply[0] and reply[0].decode() != payload: refused += 1  # known with other contents
+        except self._error as e: raise StateUnavailable(f"Redis refused the record script: {type(e).__name__}") from None
         except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
         return refused
 
     def ping(self) -> bool:
-        "True when Redis answers in time."
-        try: return bool(self.redis.ping())
+        "True when Redis answers in time (on a cluster: every primary)."
+        try: return bool(self.redis.ping(target_nodes=self.redis.PRIMARIES) if self.cluster else self.redis.ping())
         except self._down: return False
 
     def label(self, transaction_id: int, fraud: bool) -> bool:
@@ -663,7 +756,7 @@ class RedisStore:
         return True
 
     def load(self, tables: StateTables, chunk: int = 2000) -> None:
-        "Merge state tables into Redis in bulk: one ZADD or HSET per key, pipelined."
+        "Merge state tables into Redis in bulk: one ZADD or HSET per key, pipelined (on a cluster, grouped by node)."
         bits = lambda df: df.with_columns(bits=pl.Series(df["amount"].to_numpy().view(np.int64)))  # see `_bits`
         txs, cards = bits(tables.txs), bits(tables.cards)
         cards = cards.with_columns(member=pl.format("{}:{}:{}", "t", pl.col("id").cast(pl.String).str.zfill(20), "bits"))
@@ -688,7 +781,7 @@ class RedisStore:
                 n += 1
                 if n % chunk == 0: pipe.execute()
         pipe.execute()
-        self._max(keys=[f"{self.prefix}:watermark"], args=[int(tables.watermark)], client=self.bulk)
+        self._scripts["advance"](keys=[self._wm], args=[int(tables.watermark)], client=self.bulk)
 
 # %% ../nbs/50_online.ipynb #a1ded8d5
 class OnlineFeatures:

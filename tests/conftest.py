@@ -120,6 +120,75 @@ def redis_server(tmp_path_factory):
         log.close()
 
 
+class LocalRedisCluster:
+    "A Redis Cluster of three masters (no replicas) on free loopback ports, each node in a directory of its own; a node may be paused."
+    def __init__(self, directory: Path, masters: int = 3):
+        self.exe, self.cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if self.exe is None or self.cli is None: pytest.skip("redis-server or redis-cli is not installed (make system-deps installs them); the Redis Cluster paths are untested")
+        from test_serve import free_port
+        self.ports, self.procs, self.logs = [free_port() for _ in range(masters)], {}, []
+        for port in self.ports:
+            d = directory / str(port)
+            d.mkdir()
+            self.logs.append(open(d / "redis.log", "w"))
+            # the cluster bus on a free port of its own: its default, port + 10000, may be taken or past 65535
+            self.procs[port] = subprocess.Popen([self.exe, "--port", str(port), "--cluster-port", str(free_port()), "--bind", "127.0.0.1",
+                                                 "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                                 "--save", "", "--appendonly", "no"], stdout=self.logs[-1], stderr=subprocess.STDOUT)
+        import redis
+        try:
+            for port in self.ports: self._wait(lambda: redis.Redis(port=port).ping(), f"node {port} did not start")
+            subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-yes"],
+                           check=True, capture_output=True, timeout=60)
+            for port in self.ports:  # every node must see the whole cluster before a client may rely on its slot map
+                self._wait(lambda: redis.Redis(port=port).cluster("info")["cluster_state"] == "ok", f"the cluster did not become ok on {port}")
+        except BaseException:
+            self.kill()
+            raise
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def _wait(self, ok, what: str, tries: int = 200):
+        import redis
+        for _ in range(tries):
+            try:
+                if ok(): return
+            except redis.RedisError: pass
+            if any(p.poll() is not None for p in self.procs.values()): break
+            time.sleep(0.05)
+        logs = "\n".join(Path(log.name).read_text() for log in self.logs)
+        raise RuntimeError(f"{what}:\n{logs}")
+
+    def port_of(self, key: str) -> int:
+        "The port of the master that serves `key`'s hash slot."
+        import redis
+        return redis.RedisCluster(host="127.0.0.1", port=self.ports[0]).get_node_from_key(key).port
+
+    def pause(self, port: int): os.kill(self.procs[port].pid, signal.SIGSTOP)
+    def resume(self, port: int): os.kill(self.procs[port].pid, signal.SIGCONT)
+
+    def kill(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT); proc.kill(); proc.wait()
+        for log in self.logs: log.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    "A real three-master Redis Cluster on loopback (Debian's redis-server, `redis-cli --cluster create`), killed at teardown."
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.kill()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster):
+    "The cluster's URL (any node's: the client finds the others), every master emptied for each test."
+    import redis
+    for port in redis_cluster.ports: redis.Redis(port=port).flushall()
+    return redis_cluster.url
+
+
 @pytest.fixture
 def redis_url(redis_server):
     "The Redis server's URL, with an empty database for each test."

@@ -2,6 +2,7 @@
 import json
 
 import polars as pl
+import pytest
 
 from conftest import ALL_MODELS, run
 
@@ -15,6 +16,7 @@ def test_simulate_is_deterministic(tiny_params, tiny_data, tmp_path):
     assert other.read_bytes() != tiny_data.read_bytes()
 
 
+@pytest.mark.slow  # every model on every fold (~2 min); the fast suite runs the benchmark on one model below
 def test_benchmark_on_handbook_style_csv(tiny_params, tiny_data, tmp_path):
     # The published Handbook files carry IDs and day/second columns as strings and an index column.
     csv = tmp_path / "handbook.csv"

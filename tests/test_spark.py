@@ -64,8 +64,8 @@ def test_spark_submit_writes_a_dataset(tiny_data, polars_features, tmp_path):
     assert_same_features(pl.read_parquet(out / "*.parquet").sort(SORT_KEY), polars_features)
 
 
+@pytest.mark.slow  # a JVM of its own; nbs/13_spark checks every refusal (path, column, type, null, duplicate, time zone) in one session
 def test_bad_input_names_the_column_and_writes_nothing(tiny_data, tmp_path):
-    # (an unreadable path, a missing or mistyped column, a duplicate id: nbs/13_spark, in one session)
     bad = tmp_path / "bad.parquet"
     pl.read_parquet(tiny_data).with_columns(CUSTOMER_ID=pl.when(pl.col("TRANSACTION_ID") < 5).then(None).otherwise(pl.col("CUSTOMER_ID"))).write_parquet(bad)
     out = tmp_path / "features.parquet"

@@ -1,8 +1,9 @@
-"""One contract for every store of the online state: the in-process `MemoryStore` and a real Redis (`RedisStore`).
+"""One contract for every store of the online state: the in-process `MemoryStore`, a real Redis and a real three-node
+Redis Cluster (`RedisStore` on either).
 
-Each test runs against both; a store passes when the online features it serves equal the batch features, retries
+Each test runs against all three; a store passes when the online features it serves equal the batch features, retries
 count once, labels count only after the label delay, and warming equals replaying. Redis-only behaviour (several
-processes on one state, key expiry, connection errors) follows at the end.
+processes on one state, key expiry, connection errors, where a cluster puts the keys) follows at the end.
 """
 import itertools
 import socket
@@ -14,11 +15,12 @@ from datetime import date, datetime, timedelta
 import numpy as np
 import polars as pl
 import pytest
+import redis
 
 from conftest import ROOT
 from mlpay.config import compose
 from mlpay.features import compute_features
-from mlpay.online import LateTransaction, MemoryStore, OnlineFeatures, RedisStore, StateUnavailable, parse_tx
+from mlpay.online import _RECORD, LateTransaction, MemoryStore, OnlineFeatures, RedisStore, StateUnavailable, parse_tx
 from mlpay.registry import FeatureRegistry
 from mlpay.sequences import history_index, history_steps
 from mlpay.simulate import simulate
@@ -30,15 +32,21 @@ RET = dict(max_lateness_s=86_400, card_idle_days=None)  # the server's defaults 
 _prefixes = itertools.count()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def stores(request):
-    "A factory of stores of one state: Redis clients that share a key prefix, or one in-process store."
+    "A factory of stores of one state: Redis (or Redis Cluster) clients that share a key prefix, or one in-process store."
     if request.param == "memory":
         store = MemoryStore()
         yield lambda: store
     else:
-        url, prefix = request.getfixturevalue("redis_url"), f"t{next(_prefixes)}"
+        url, prefix = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url"), f"t{next(_prefixes)}"
         yield lambda: RedisStore(url, prefix=prefix)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis_url(request):
+    "A single Redis's URL, or a cluster's."
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +173,8 @@ def test_bad_input(stores):
 # -- Redis only: several processes on one state, expiry by TTL, a server that is not there
 
 
-def test_concurrent_retries_on_redis_are_counted_once(redis_url):
-    workers = [OnlineFeatures(REG, 4, RedisStore(redis_url), **RET) for _ in range(4)]
+def test_concurrent_retries_on_redis_are_counted_once(any_redis_url):
+    workers = [OnlineFeatures(REG, 4, RedisStore(any_redis_url), **RET) for _ in range(4)]
     workers[0].score(req(1, "2018-04-01 10:00:00"))
     results = []
     def retry(w): results.append(w.score(req(2, "2018-04-01 11:00:00", amount=30.0)))
@@ -177,27 +185,27 @@ def test_concurrent_retries_on_redis_are_counted_once(redis_url):
     assert workers[0].store.redis.zcard("mlpay:card:1") == 2
 
 
-def test_redis_keys_are_bounded(redis_url):
-    o = OnlineFeatures(REG, 2, RedisStore(redis_url), max_lateness_s=3600, card_idle_days=None)
+def test_redis_keys_are_bounded(any_redis_url):
+    o = OnlineFeatures(REG, 2, RedisStore(any_redis_url), max_lateness_s=3600, card_idle_days=None)
     r = o.store.redis
     for i in range(5): o.score(req(i, f"2018-04-0{i + 1} 10:00:00", card=1, terminal=7))
     o.feedback(0, True)
-    assert r.zcard("mlpay:card:1") == 5 and r.zcard("mlpay:term:7") == 5 and r.zcard("mlpay:fraud:7") == 1
+    assert r.zcard("mlpay:card:1") == 5 and r.zcard("mlpay:term:{7}") == 5 and r.zcard("mlpay:fraud:{7}") == 1
     o.score(req(10, "2018-05-20 10:00:00", card=1, terminal=7))
     assert r.zcard("mlpay:card:1") == 2  # the new one and the last kept for history
-    assert [m.split(b":")[1] for m in r.zrange("mlpay:term:7", 0, -1)] == [b"10"] and r.zcard("mlpay:fraud:7") == 0
-    assert 0 < r.ttl("mlpay:term:7") <= 38 * 86400 and 0 < r.ttl("mlpay:tx:0") <= 38 * 86400
+    assert [m.split(b":")[1] for m in r.zrange("mlpay:term:{7}", 0, -1)] == [b"10"] and r.zcard("mlpay:fraud:{7}") == 0
+    assert 0 < r.ttl("mlpay:term:{7}") <= 38 * 86400 and 0 < r.ttl("mlpay:tx:0") <= 38 * 86400
     assert r.ttl("mlpay:card:1") == -1  # history kept (card_idle_days=None), as the batch features do
-    o2 = OnlineFeatures(REG, 0, RedisStore(redis_url, prefix="nohist"), **RET)
+    o2 = OnlineFeatures(REG, 0, RedisStore(any_redis_url, prefix="nohist"), **RET)
     o2.score(req(1, "2018-04-01 10:00:00"))
     assert 0 < o2.store.redis.ttl("nohist:card:1") <= 31 * 86400  # without history a card lives only as long as its windows
 
 
-def test_warm_loads_every_transaction_into_redis(redis_url, tiny):
+def test_warm_loads_every_transaction_into_redis(any_redis_url, tiny):
     # (how fast warming and scoring are on Redis: bench/online.py)
     tx = tiny[0]
     year = replace(REG, features=tuple(replace(f, window_days=365) if f.window_days == 30 else f for f in REG.features))
-    o = OnlineFeatures(year, 8, RedisStore(redis_url), **RET)  # a year of windows keeps all ~100k rows
+    o = OnlineFeatures(year, 8, RedisStore(any_redis_url), **RET)  # a year of windows keeps all ~100k rows
     assert o.store.empty()
     assert o.warm(tx) == len(tx) and not o.store.empty()
     assert o.store.redis.zcard(f"mlpay:card:{tx['CUSTOMER_ID'][0]}") == tx.filter(pl.col("CUSTOMER_ID") == tx["CUSTOMER_ID"][0]).height
@@ -242,3 +250,48 @@ def test_a_redis_that_fails_is_state_unavailable(redis_process):
     with pytest.raises(ValueError, match="different contents"): o.score(req(1, "2018-04-01 10:00:00", amount=1.0))
     o.store._record = lambda keys, args: [b"", b"not,numbers", b"", b""]  # an answer that does not parse
     with pytest.raises(StateUnavailable, match="does not parse"): o.score(req(5, "2018-04-01 10:04:00"))
+
+
+# -- Redis Cluster only: where a transaction's keys go, and a node that stops answering
+
+
+def test_a_cluster_runs_each_step_on_one_slot(redis_cluster, redis_cluster_url):
+    "One transaction's keys lie on several nodes, each step's on one; the single-Redis script would be refused there (CROSSSLOT)."
+    store = RedisStore(redis_cluster_url)
+    o = OnlineFeatures(REG, 4, store, **RET)
+    assert store.cluster
+    o.score(req(1, "2018-04-01 10:00:00", card=1, terminal=7))
+    assert o.feedback(1, True)
+    _, steps = store._steps(parse_tx(req(1, "2018-04-01 10:00:00", card=1, terminal=7)), True)
+    keys = [k for step_keys, _ in steps for k in step_keys]
+    assert keys == ["mlpay:watermark", "mlpay:tx:0", "mlpay:card:1", "mlpay:term:{7}", "mlpay:fraud:{7}"]
+    port = {k: redis_cluster.port_of(k) for k in keys}
+    assert all(redis.Redis(port=port[k]).exists(k) for k in keys)  # each key on the master that serves its slot
+    assert port["mlpay:term:{7}"] == port["mlpay:fraud:{7}"] and len(set(port.values())) == 3  # this one needs every node
+    with pytest.raises(redis.ResponseError, match="hash to the same slot"):  # CROSSSLOT
+        redis.Redis(port=port[keys[0]]).eval(_RECORD, len(keys), *keys, *(a for _, step_args in steps for a in step_args))
+
+
+def test_a_paused_cluster_node_is_state_unavailable_for_its_keys(redis_cluster, redis_cluster_url):
+    "One master paused: a transaction whose keys it serves is StateUnavailable, never a wrong feature; others score on; once it is back the retry completes the record, counted once."
+    store = RedisStore(redis_cluster_url, timeout_s=0.5)  # long enough for a loaded machine, far below the node timeout (15 s)
+    o, ref = OnlineFeatures(REG, 8, store, **RET), OnlineFeatures(REG, 8, MemoryStore(), **RET)
+    node = lambda kind, k: redis_cluster.port_of(store._key(kind, k))
+    paused = next(p for p in redis_cluster.ports if p not in {redis_cluster.port_of(store._wm), node("tx", 0)})
+    terminal = next(t for t in range(100) if node("term", t) != paused)
+    on, off = (next(c for c in range(100) if (node("card", c) == paused) == want) for want in (True, False))
+    def same(r):
+        (f, s), (g, t) = o.score(r), ref.score(r)
+        return np.array_equal(f, g) and np.array_equal(s, t)
+    assert same(req(1, "2018-04-01 10:00:00", card=on, terminal=terminal)) and same(req(2, "2018-04-01 10:01:00", card=off, terminal=terminal))
+    redis_cluster.pause(paused)
+    try:
+        with pytest.raises(StateUnavailable, match="TimeoutError"): o.score(req(3, "2018-04-01 10:02:00", card=on, terminal=terminal))
+        assert not store.ping()
+        assert same(req(4, "2018-04-01 10:03:00", card=off, terminal=terminal))  # its keys are on the other nodes
+    finally:
+        redis_cluster.resume(paused)
+    assert store.ping()
+    assert same(req(3, "2018-04-01 10:02:00", card=on, terminal=terminal))  # the retry (as the server's backlog sends it)
+    assert same(req(5, "2018-04-01 10:04:00", card=on, terminal=terminal))
+    assert store.redis.zcard(store._key("card", on)) == 3

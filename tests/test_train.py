@@ -20,6 +20,7 @@ def tiny_features(tiny_params, tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # Lightning spawning its own processes; the fast suite trains DDP under torchrun on two nodes
 def test_ddp_on_cpu_with_two_processes(tiny_features, tmp_path):
     proc = run("mlpay-train", "debug=fast", "trainer=ddp", "trainer.devices=2", f"paths.features={tiny_features}",
                f"paths.train={tmp_path}", cwd=ROOT)
