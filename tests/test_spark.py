@@ -51,6 +51,7 @@ def test_the_command_with_spark_is_the_polars_pass(tiny_data, polars_features, t
     assert sorted(x.name for x in tmp_path.iterdir()) == ["features.parquet"]  # the parts went away with the temporary
 
 
+@pytest.mark.slow  # a JVM of its own; nbs/13_spark writes a dataset in its session
 def test_spark_submit_writes_a_dataset(tiny_data, polars_features, tmp_path):
     # What the SparkApplication runs, started by spark-submit (which then owns the master): a dataset directory.
     out = tmp_path / "features"
