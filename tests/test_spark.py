@@ -1,6 +1,6 @@
 """The Spark executor of the features (mlpay.spark) as the pipeline and a cluster run it.
 
-`mlpay-features --engine spark` and `spark-submit mlpay/spark.py` on the tiny simulated data, in local mode with the
+`mlpay-features --engine spark` and `spark-submit containers/spark/features_job.py` on the tiny simulated data, in local mode with the
 machine's Java 17, against the polars pass; bad input through the command; the SparkApplication manifest that runs
 the same file on Kubernetes, checked offline (its CRD is the Spark operator's, which kubernetes-validate has no
 schema for: its structure is checked here).
