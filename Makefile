@@ -81,6 +81,7 @@ test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-
 bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/)
 	python bench/simulate.py
 	python bench/features.py
+	python bench/spark.py
 	python bench/online.py
 	python bench/decisions.py
 	python bench/serve.py
