@@ -4,7 +4,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,24 +50,3 @@ def start_redis(port):
     else: proc.kill(); raise RuntimeError(f"redis-server on port {port} did not answer")
     return proc, f"redis://127.0.0.1:{port}/0"
 
-
-def start_redis_cluster(ports):
-    "A throw-away Redis Cluster, one master per port (no replicas, no persistence), ready, and its URL; None where redis-server is not installed."
-    if not (shutil.which("redis-server") and shutil.which("redis-cli")): return None
-    import redis
-    d = tempfile.mkdtemp(prefix="mlpay-bench-cluster-")
-    procs = [subprocess.Popen(["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--dir", d, "--cluster-enabled", "yes",
-                               "--cluster-config-file", f"nodes-{p}.conf", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-             for p in ports]
-    def ready(ok):
-        for _ in range(200):
-            try:
-                if ok(): return True
-            except redis.RedisError: pass
-            time.sleep(0.05)
-        for proc in procs: proc.kill()
-        raise RuntimeError(f"the Redis Cluster on ports {ports} did not come up")
-    for p in ports: ready(lambda: redis.Redis(port=p).ping())
-    subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"], check=True, capture_output=True)
-    for p in ports: ready(lambda: redis.Redis(port=p).cluster("info")["cluster_state"] == "ok")
-    return procs, f"redis://127.0.0.1:{ports[0]}/0"

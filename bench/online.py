@@ -7,6 +7,9 @@ run on this machine, so its numbers are the client's cost (two pipelined round t
 
     python bench/online.py
 """
+import shutil
+import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from _common import print_table, save, start_redis, start_redis_cluster
+from _common import print_table, save, start_redis
 from mlpay.config import compose
 from mlpay.online import MemoryStore, OnlineFeatures, RedisStore
 from mlpay.registry import FeatureRegistry
@@ -30,9 +33,14 @@ requests = today.select(*(pl.col(c).alias(c.lower()) for c in cols)).to_dicts()
 registry = FeatureRegistry.from_cfg(compose())
 
 rows, payload = [], {"history_rows": len(history), "scored": len(requests)}
-redis, cluster = start_redis(8107), start_redis_cluster([8111, 8112, 8113])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import LocalRedisCluster  # noqa: E402  (the tests' real three-master cluster, started the same way here)
+
+workdir = tempfile.TemporaryDirectory(prefix="mlpay-bench-cluster-")
+redis = start_redis(8107)
+cluster = LocalRedisCluster(Path(workdir.name)) if shutil.which("redis-server") and shutil.which("redis-cli") else None
 stores = ({"in-process (MemoryStore)": MemoryStore} | ({"Redis (RedisStore)": lambda: RedisStore(redis[1])} if redis else {})
-          | ({"Redis Cluster, 3 masters (RedisStore)": lambda: RedisStore(cluster[1])} if cluster else {}))
+          | ({"Redis Cluster, 3 masters (RedisStore)": lambda: RedisStore(cluster.url)} if cluster else {}))
 try:
     for name, store in stores.items():
         o = OnlineFeatures(registry, 8, store(), max_lateness_s=86_400, card_idle_days=None)  # the server's defaults
@@ -44,7 +52,8 @@ try:
         rows.append([name, f"{kept:,} in {warm_s:.2f} s", f"{np.median(lat):.0f}", f"{np.percentile(lat, 99):.0f}"])
 finally:
     if redis: redis[0].terminate()
-    for proc in cluster[0] if cluster else []: proc.terminate()
+    if cluster: cluster.kill()
+    workdir.cleanup()
 print_table(f"Online state: warm from {len(history):,} transactions, then score {len(requests):,} one by one (features + 8 history steps)",
             ["store", "warm (transactions kept)", "score median µs", "score p99 µs"], rows)
 save("online", payload)

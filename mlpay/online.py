@@ -666,13 +666,17 @@ class RedisStore:
         payload, steps = self._steps(x, True)
         try:
             if self.cluster: reply = self._split(self.redis, [(payload, steps)])[0]
-            else: reply = self._record(keys=[k for s in steps for k in s[0]], args=[a for s in steps for a in s[1]])
+            else: reply = self._whole(steps)
             if isinstance(reply, Exception): raise reply
         except self._error as e:
             if _is_late(e): raise _late(x, int(str(e).split()[1]), self.keep) from None
             raise StateUnavailable(f"Redis refused the record script: {type(e).__name__}") from None
         except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
         return self._view(x, payload, reply)
+
+    def _whole(self, steps: tuple, client=None):
+        "Run every step in the one atomic script (a single Redis), on `client` (a pipeline) or at once."
+        return self._record(keys=[k for s in steps for k in s[0]], args=[a for s in steps for a in s[1]], client=client)
 
     def _split(self, client, jobs: list[tuple[str, tuple]]) -> list:
         "Record on a cluster, in two pipelined round trips (late and index, then card and terminal): each job's reply, or the error that refused it."
@@ -728,7 +732,7 @@ class RedisStore:
                 if self.cluster: replies = self._split(self.bulk, jobs)
                 else:
                     pipe = self.bulk.pipeline(transaction=False)
-                    for _, steps in jobs: self._record(keys=[k for s in steps for k in s[0]], args=[a for s in steps for a in s[1]], client=pipe)
+                    for _, steps in jobs: self._whole(steps, pipe)
                     replies = pipe.execute(raise_on_error=False)
                 for (payload, _), reply in zip(jobs, replies):
                     if _is_late(reply): refused += 1

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -175,7 +176,6 @@ def write_features(feats, # from `spark_features`
             feats.orderBy(*SORT_KEY).write.mode("overwrite").option("compression", "zstd").parquet(str(parts))
             pl.scan_parquet(sorted(parts.glob("part-*.parquet"))).sink_parquet(tmp, compression="zstd")
         finally:
-            import shutil
             shutil.rmtree(parts, ignore_errors=True)
     return out
 

@@ -248,7 +248,7 @@ def test_a_redis_that_fails_is_state_unavailable(redis_process):
         with pytest.raises(StateUnavailable, match="Redis unavailable"): call()
     redis_process.start()  # the saved data set is back: the first transaction is known
     with pytest.raises(ValueError, match="different contents"): o.score(req(1, "2018-04-01 10:00:00", amount=1.0))
-    o.store._record = lambda keys, args: [b"", b"not,numbers", b"", b""]  # an answer that does not parse
+    o.store._record = lambda keys, args, client=None: [b"", b"not,numbers", b"", b""]  # an answer that does not parse
     with pytest.raises(StateUnavailable, match="does not parse"): o.score(req(5, "2018-04-01 10:04:00"))
 
 
