@@ -14,7 +14,7 @@ help: ## list the targets
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[train,dev,ops,spark]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,ops,spark,store]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install mlpay with its pinned dependencies
@@ -96,6 +96,19 @@ bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/
 bench-gpu: $(STAMP) ## the GPU benchmark (bench/gpu.py: onnxruntime CUDA, fp16, bf16 DDP training); CPU half without a GPU
 	python bench/gpu.py
 
+# The engine: podman with runc (Debian's), unless MLPAY_ENGINE names another; debootstrap makes the images' base.
+engine-deps: ## install podman, runc and debootstrap when missing (the container images' engine and base)
+	@if [ -z "$$MLPAY_ENGINE" ] && ! { command -v podman && command -v runc && command -v debootstrap; } >/dev/null; then \
+	  echo "installing podman runc debootstrap"; $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq podman runc debootstrap >/dev/null; fi
+
+images: $(STAMP) engine-deps ## build the container images (serve, serve-gpu, train: containers/images.py) offline, with artifacts/model; print their sizes
+	python containers/images.py
+	python containers/images.py --sizes
+
+test-images: $(STAMP) engine-deps ## build the images with the tests' tiny model and run them as Kubernetes would (tests/test_images.py); skips, saying why, with no engine
+	pytest tests/test_images.py -m images
+
 lock: $(STAMP) ## re-lock the serving images' dependencies (containers/*/requirements.lock) after changing a requirements.txt
 	python containers/lock.py
 
@@ -108,4 +121,4 @@ lint: $(STAMP) check-ruff check-nbs check-readme ## ruff, then the nbdev checks 
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc _docs
 
-.PHONY: help install params data pipeline serve system-deps test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock audit lint clean
+.PHONY: help install params data pipeline serve system-deps engine-deps images test-images test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock audit lint clean

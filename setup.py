@@ -30,7 +30,8 @@ setuptools.setup(
     include_package_data=True,
     install_requires=cfg["requirements"].split(),
     extras_require={"train": cfg["train_requirements"].split(), "dev": cfg["dev_requirements"].split(),
-                    "ops": cfg["ops_requirements"].split(), "spark": cfg["spark_requirements"].split()},
+                    "ops": cfg["ops_requirements"].split(), "spark": cfg["spark_requirements"].split(),
+                    "store": cfg["store_requirements"].split()},
     python_requires=">=" + cfg["min_python"],
     zip_safe=False,
     entry_points={
