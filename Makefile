@@ -118,7 +118,16 @@ audit: $(STAMP) ## pip-audit the serving images' locks against PyPI's advisories
 
 lint: $(STAMP) check-ruff check-nbs check-readme ## ruff, then the nbdev checks (notebooks clean and exported, README.md current)
 
+# DVC's default remote `storage` (.dvc/config: s3://mlpay/dvc) is overridden per machine in .dvc/config.local, which git ignores;
+# credentials never go in either file: botocore reads AWS_* variables, AWS_SHARED_CREDENTIALS_FILE or the cloud's workload identity.
+remote: $(STAMP) ## point DVC's remote at $MLPAY_DVC_REMOTE_URL (and $AWS_ENDPOINT_URL, for an S3-compatible store) in .dvc/config.local
+	@test -n "$$MLPAY_DVC_REMOTE_URL" || { echo "error: set MLPAY_DVC_REMOTE_URL (for example s3://my-bucket/mlpay/dvc)" >&2; exit 2; }
+	dvc remote modify --local storage url "$$MLPAY_DVC_REMOTE_URL"
+	@if [ -n "$$AWS_ENDPOINT_URL" ]; then dvc remote modify --local storage endpointurl "$$AWS_ENDPOINT_URL"; \
+	  else dvc remote modify --local --unset storage endpointurl; fi
+	@dvc remote list
+
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc _docs
 
-.PHONY: help install params data pipeline serve system-deps engine-deps images test-images test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock audit lint clean
+.PHONY: help install params data pipeline serve system-deps engine-deps images test-images test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock audit lint remote clean

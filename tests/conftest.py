@@ -268,3 +268,62 @@ def postgres_url():
     finally:
         pg(pg_ctl, "-D", data, "-m", "fast", "-w", "-t", "30", "stop", check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+class S3Server:
+    "moto's S3 API in server mode (a real HTTP server, as in DVC's own S3 tests) on a free loopback port, checking credentials."
+    def __init__(self, directory: Path):
+        from test_serve import free_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(directory / "moto.log", "w")
+        # moto checks signatures against its IAM users after the first 3 requests: those make a user, its policy and its key
+        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+        try: self._setup(directory)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _setup(self, directory: Path):
+        for _ in range(200):
+            if self.proc.poll() is not None: raise RuntimeError(f"moto_server exited: {(directory / 'moto.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5): break
+            except OSError: time.sleep(0.05)
+        else: raise RuntimeError("moto_server did not start")
+        import json
+        import boto3
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="mlpay")
+        iam.put_user_policy(UserName="mlpay", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="mlpay")["AccessKey"]
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+
+    def env(self, **overrides) -> dict[str, str]:
+        "The process environment for a client of this server: no AWS_* variable of the caller's, the endpoint, the key, no instance metadata."
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        return {**env, "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **overrides}
+
+    def client(self):
+        "A boto3 S3 client with the valid key."
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.key_id, aws_secret_access_key=self.secret)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try: self.proc.wait(10)
+            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    "A real S3 API (moto's server) on a free 127.0.0.1 port with an IAM user allowed everything, stopped at teardown; `endpoint`, `env()`, `client()`."
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try: yield server
+    finally: server.stop()
