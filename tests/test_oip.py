@@ -10,9 +10,7 @@ import base64
 import copy
 import json
 import math
-import os
 import shutil
-import subprocess
 
 import jsonschema
 import kubernetes_validate
@@ -22,8 +20,8 @@ import tritonclient.http as triton
 import yaml
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from conftest import BIN, ROOT
-from test_containers import K8S_VERSIONS, TEST_KEY, VERSION, entrypoint, validate
+from conftest import ROOT
+from test_containers import K8S_VERSIONS, TEST_KEY, VERSION, build, entrypoint, validate
 from test_rollout_k8s import _INT, _METADATA, _STR, _obj, one
 from test_serve import KEY, Server, get, post
 
@@ -206,18 +204,13 @@ INFERENCE_SERVICE_SCHEMA = _obj({
 KSERVE_SCHEMAS = {"ServingRuntime": SERVING_RUNTIME_SCHEMA, "InferenceService": INFERENCE_SERVICE_SCHEMA}
 
 
-def kustomize(directory):
-    return subprocess.run([BIN / "kubectl", "kustomize", directory], capture_output=True, text=True,
-                          env={**os.environ, "KUBECONFIG": os.devnull}, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def kserve(tmp_path_factory):
     "The objects `kubectl apply -k containers/k8s/kserve` sends (with a test API key: the real one is git-ignored)."
     work = tmp_path_factory.mktemp("kserve") / "kserve"
     shutil.copytree(KSERVE, work, ignore=shutil.ignore_patterns("api-key"))
     (work / "secrets" / "api-key").write_text(TEST_KEY)
-    proc = kustomize(work)
+    proc = build(work)
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
@@ -301,6 +294,6 @@ def test_the_kserve_runtime_runs_mlpay_serve_as_kserve_expects(kserve):
 
 def test_the_kserve_manifests_need_the_api_key_file(tmp_path):
     shutil.copytree(KSERVE, tmp_path / "kserve", ignore=shutil.ignore_patterns("api-key"))
-    proc = kustomize(tmp_path / "kserve")
+    proc = build(tmp_path / "kserve")
     assert proc.returncode != 0 and "secrets/api-key" in proc.stderr
     assert (KSERVE / "secrets/.gitignore").read_text().splitlines()[-2:] == ["*", "!.gitignore"]
