@@ -78,7 +78,18 @@ test-slow: $(STAMP) ## also run the #| slow notebook cells and slow tests (real-
 	nbdev_test --n_workers 2 --flags slow
 	pytest tests -m slow
 
-bench: $(STAMP) system-deps ## run the benchmarks and print their tables (bench/)
+# The serving benchmark's peers, each in a venv of its own (their pins conflict with mlpay's: bench/peers/NAME.txt says how),
+# made anew when its requirements change; bench/serve.py runs them with .venv/peers/NAME/bin/.
+PEERS := kserve bentoml
+$(VENV)/peers/%/.installed: bench/peers/%.txt | $(STAMP)
+	rm -rf $(VENV)/peers/$*
+	$(BIN)/python -m venv $(VENV)/peers/$*
+	$(VENV)/peers/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+bench-peers: $(PEERS:%=$(VENV)/peers/%/.installed) ## the serving benchmark's peers (KServe, BentoML), each in .venv/peers/NAME from bench/peers/NAME.txt
+
+bench: $(STAMP) system-deps bench-peers ## run the benchmarks and print their tables (bench/)
 	python bench/simulate.py
 	python bench/features.py
 	python bench/spark.py
@@ -130,4 +141,4 @@ remote: $(STAMP) ## point DVC's remote at $MLPAY_DVC_REMOTE_URL (and $AWS_ENDPOI
 clean: ## remove generated outputs (keeps .venv and data/)
 	rm -rf artifacts reports/*.png .pytest_cache _proc _docs
 
-.PHONY: help install params data pipeline serve system-deps engine-deps images test-images test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-gpu lock audit lint remote clean
+.PHONY: help install params data pipeline serve system-deps engine-deps images test-images test check-nbs check-readme check-ruff check-docs readme docs lab test-slow bench bench-peers bench-gpu lock audit lint remote clean

@@ -29,5 +29,7 @@ class DefaultAPI(ls.LitAPI):
         return {"score": output}
 
 
+ls.server._MCP_AVAILABLE = False  # as mlpay.serve: LitServe 0.2.19 mounts an MCP endpoint needing mcp 1.x whenever `mcp` is installed
+
 if __name__ == "__main__":
     ls.LitServer(DefaultAPI(sys.argv[1])).run(host="127.0.0.1", port=int(sys.argv[2]), generate_client_file=False, log_level="warning")

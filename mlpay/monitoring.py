@@ -20,8 +20,8 @@ from .policy import ACTIONS, _codes, action_costs
 
 # %% auto #0
 __all__ = ['PSI_FLOOR', 'SUMS', 'METRICS', 'SCORE', 'quantile_levels', 'quantile_edges', 'edge_matrix', 'bin_index', 'psi', 'ks',
-           'performance_sums', 'performance', 'decision_shares', 'Profile', 'bin_counts', 'Windows', 'monitor_of',
-           'MonitorCollector']
+           'performance_sums', 'performance', 'decision_shares', 'Profile', 'flat_bins', 'bin_counts', 'Windows',
+           'monitor_of', 'MonitorCollector']
 
 # %% ../nbs/60_monitoring.ipynb #43b0012a
 def quantile_levels(bins: int, # equal-mass bins
@@ -169,10 +169,14 @@ class Profile:
         for i, s in enumerate(self.shares): shares[i, :len(s)] = s
         return edges, shares, np.arange(shares.shape[1]) < np.array([len(s) for s in self.shares])[:, None]
 
-def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    "(features, bins) counts of `values` (rows, features)."
+def flat_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    "(rows, features) of each value's bin among every feature's bins laid end to end (what `bin_counts` counts)."
+    return bin_index(values, edges) + np.arange(edges.shape[0]) * (edges.shape[1] + 1)
+
+def bin_counts(values: np.ndarray, edges: np.ndarray, flat: np.ndarray | None = None) -> np.ndarray:
+    "(features, bins) counts of `values` (rows, features), or of their `flat_bins` when given."
     f, b = edges.shape[0], edges.shape[1] + 1
-    idx = bin_index(values, edges) + np.arange(f) * b
+    idx = flat_bins(values, edges) if flat is None else flat
     return np.bincount(idx.ravel(), minlength=f * b).reshape(f, b)
 
 # %% ../nbs/60_monitoring.ipynb #353e0868
@@ -211,12 +215,17 @@ class Windows:
         with self.lock: self._add(k, values, prob, amount)
 
     def _add(self, k, values, prob, amount):
-        for bucket in np.unique(k):
+        # the bins of every row at once, then each bucket's rows as one slice of the rows sorted by bucket (stable: in their order)
+        buckets, n = np.unique(k, return_counts=True)
+        order = np.argsort(k, kind="stable")
+        flat, prob, amount = flat_bins(values[order], self.edges), prob[order], amount[order]
+        ends = np.cumsum(n)
+        for bucket, lo, hi in zip(buckets.tolist(), (ends - n).tolist(), ends.tolist()):
             if bucket <= self.newest - len(self.bucket): continue  # older than the longest window
-            rows = k == bucket
+            rows = slice(lo, hi)
             slot = bucket % len(self.bucket)
             if self.bucket[slot] != bucket: self.bucket[slot], self.counts[slot], self.sums[slot] = bucket, 0, 0
-            self.counts[slot] += bin_counts(values[rows], self.edges)
+            self.counts[slot] += bin_counts(None, self.edges, flat[rows])
             self.sums[slot] += performance_sums(prob[rows], prob[rows], amount[rows], self.thresholds, self.costs)
             if self.first < 0 or bucket - self.newest >= len(self.bucket): self.first = int(bucket)  # the first, or after a gap longer than the ring
             self.newest = max(self.newest, int(bucket))

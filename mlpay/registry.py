@@ -24,7 +24,8 @@ FEATURE_INPUTS = ["TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID",
 def _ratio(a, b, default):
     "a / b where b > 0, else `default` (floats or arrays)."
     if isinstance(b, float): return a / b if b > 0 else float(default)
-    return np.divide(a, b, out=np.full(np.broadcast_shapes(np.shape(a), np.shape(b)), float(default)), where=b > 0)
+    pos = b > 0  # three ufunc calls: `np.divide(where=)` into a `np.full` costs several times more on a server's few rows
+    return np.where(pos, a / np.where(pos, b, 1.0), float(default))
 
 @dataclass(frozen=True)
 class Kind:

@@ -22,6 +22,7 @@ import re
 import signal
 import threading
 import time
+import traceback
 from collections import deque
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -54,7 +55,7 @@ from .online import MemoryStore, OnlineFeatures, RedisStore
 from .package import load_package
 from .lineup import Guard, Lineup, state_gaps
 from .package import PackageError
-from .scorer import Item, Scorer, contract
+from .scorer import Item, Scorer, contract, scrub
 from .transactions import luhn_valid
 
 # %% ../nbs/52_serve.ipynb #4a1730bc
@@ -99,6 +100,7 @@ class ServeSettings(BaseSettings):
     guard_min_flags: int = Field(30, ge=1) # ... once either model flagged this many in the window (fewer: no verdict)
     admin_key: str | None = None # the admin key of /admin/lineup (hot swap), distinct from the API key (prefer admin_key_file); off when neither is set
     admin_key_file: Path | None = None # a file holding the admin key (a mounted Kubernetes Secret)
+    http: Literal["uvicorn", "granian"] = "uvicorn" # the HTTP server: uvicorn (httptools, uvloop), or granian (Rust HTTP/1.1, the app on uvloop); bench/serve.py measures both
     model_name: str = Field("mlpay", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$") # the model's name in the Open Inference Protocol's routes (/v2/models/{name}); `--model-name` (KServe: the InferenceService's)
 
     def key(self) -> str:
@@ -445,11 +447,10 @@ class FraudAPI(ls.LitAPI):
     def encode_response(self, item: Item):  # no return annotation: LitServe would make it the response model
         if item.error: return JSONResponse({"detail": item.error[1]}, status_code=item.error[0], headers={"Retry-After": "1"} if item.error[0] == 503 else None)
         body = self.scorer.answer(item)
-        m = _metrics()
         results = body.get("results", [body] if "decision" in body else [])
         roles = ["challenger" if c else "champion" for c in item.challenger] if item.challenger is not None else ["champion"] * len(results)
-        for r, role in zip(results, roles): m["decisions"].labels(r["decision"], role).inc()
-        if item.standin: m["standin"].labels(item.standin).inc(len(item.ids))
+        for r, role in zip(results, roles): _child("decisions", r["decision"], role).inc()
+        if item.standin: _child("standin", item.standin).inc(len(item.ids))
         return body
 
 # %% ../nbs/52_serve.ipynb #6a4ab651
@@ -458,10 +459,11 @@ REQUESTS = {"/predict": PredictRequest, "/feedback": FeedbackRequest}  # the bod
 INFER = "/v2/models/{name}/infer"  # the Open Inference Protocol's scoring route (and .../versions/{version}/infer): protected too, and their metrics' path label
 _INFER = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
-def _route(path: str) -> str | None:
-    "The protected route `path` belongs to (its metrics label: not a client's model name), or None."
-    if path in PROTECTED: return path
-    return INFER if path.startswith("/v2/models/") and _INFER.fullmatch(path) else None
+def _route(path: str) -> tuple[str, re.Match | None] | None:
+    "The protected route `path` belongs to (its metrics label: not a client's model name) and, for infer, the model it names; None when open."
+    if path in PROTECTED: return path, None
+    m = _INFER.fullmatch(path) if path.startswith("/v2/models/") else None
+    return (INFER, m) if m else None
 
 def _registry():
     "What /metrics reads: every process's files in multiprocess mode (PROMETHEUS_MULTIPROC_DIR set), else this process's metrics."
@@ -505,6 +507,15 @@ def _metrics():
             "log_dropped": Counter("mlpay_decision_log_dropped", "decision log records lost (queue full, write error)", ["reason"], registry=r),
         }
     return _METRICS
+
+_CHILDREN: dict[tuple, Any] = {}
+
+def _child(metric: str, *labels: str):
+    "The labelled child of one of `_metrics()`, looked up once: `labels()` takes a lock and builds its key on every call."
+    key = (metric, labels)
+    c = _CHILDREN.get(key)
+    if c is None: c = _CHILDREN[key] = _metrics()[metric].labels(*labels)
+    return c
 
 _SERVED: set[tuple[str, str]] = set()  # the (role, version) labels of mlpay_model_info set to 1
 
@@ -568,6 +579,21 @@ def _answer(out: dict | Response) -> Response:
     "A scoring result as an HTTP response."
     return out if isinstance(out, Response) else Response(orjson.dumps(out), media_type="application/json")
 
+def _body(out: dict | Response) -> bytes | Response:
+    "A scoring result as the edge sends it: an answer's JSON bytes, or the error response."
+    return out if isinstance(out, Response) else orjson.dumps(out)
+
+_JSON = (b"content-type", b"application/json")
+
+async def _send(out: bytes | Response, scope, receive, send) -> int:
+    "Send an answer (200, JSON bytes: two ASGI messages, no response object) or an error response; its status."
+    if isinstance(out, Response):
+        await out(scope, receive, send)
+        return out.status_code
+    await send({"type": "http.response.start", "status": 200, "headers": [_JSON, (b"content-length", b"%d" % len(out))]})
+    await send({"type": "http.response.body", "body": out})
+    return 200
+
 class _Request:
     "A request being scored in place: its chunks (scorer items, in order), its budget, and the future its handler awaits."
     __slots__ = ("items", "next", "n", "t0", "budget", "ahead", "route", "done", "refused")
@@ -588,46 +614,57 @@ class EdgeMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
-        path, t0, m = scope["path"], time.perf_counter(), _metrics()
-        headers = dict(scope["headers"])
-        refusal, budget, ahead, route = None, None, self.admission.queued, _route(path)
-        if route:
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                refusal = ("auth", _json(401, "missing or wrong API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}, route))
-            elif int(headers.get(b"content-length", b"0") or 0) > self.max_body:
-                refusal = ("too_large", _json(413, f"request body over {self.max_body} bytes", route=route))
-            else:
-                try: budget = self.admission.budget(headers.get(DEADLINE_HEADER))
-                except ValueError as e: refusal = ("bad_deadline", _json(400, str(e), route=route))
-                else:
-                    if self.in_flight >= self.max_in_flight or self.admission.refuse(budget): refusal = ("overload", self._overloaded(budget, route))
-        status = [500]
-        async def send_status(message):
-            if message["type"] == "http.response.start": status[0] = message["status"]
-            await send(message)
-        if refusal:
-            m["rejected"].labels(refusal[0]).inc()
-            await refusal[1](scope, receive, send_status)
-        else:
+        t0, hit = time.perf_counter(), _route(scope["path"])
+        if hit is None:  # open: health, metrics, docs
             self.in_flight += 1
-            if budget is not None: self.admission.enter(1)  # one until the body says how many
-            try:
-                if self.api and route and scope["method"] == "POST": await (await self._score(route, path, headers, receive, t0, budget, ahead))(scope, receive, send_status)
-                else: await self.app(scope, receive, send_status)
-            finally:
-                self.in_flight -= 1
-                if budget is not None: self.admission.leave(1)
-        if route:
-            m["requests"].labels(route, str(status[0])).inc()
-            m["latency"].labels(route).observe(time.perf_counter() - t0)
+            try: return await self.app(scope, receive, send)
+            finally: self.in_flight -= 1
+        status = await self._protected(scope, receive, send, hit, t0)
+        _child("requests", hit[0], str(status)).inc()
+        _child("latency", hit[0]).observe(time.perf_counter() - t0)
+
+    async def _protected(self, scope, receive, send, hit: tuple, t0: float) -> int:
+        "Refuse, score or pass on a request to a protected route; the status answered."
+        headers, route, budget, ahead = dict(scope["headers"]), hit[0], None, self.admission.queued
+        if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            refusal = ("auth", _json(401, "missing or wrong API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}, route))
+        elif int(headers.get(b"content-length", b"0") or 0) > self.max_body:
+            refusal = ("too_large", _json(413, f"request body over {self.max_body} bytes", route=route))
+        else:
+            try: budget = self.admission.budget(headers.get(DEADLINE_HEADER))
+            except ValueError as e: refusal = ("bad_deadline", _json(400, str(e), route=route))
+            else: refusal = ("overload", self._overloaded(budget, route)) if self.in_flight >= self.max_in_flight or self.admission.refuse(budget) else None
+        if refusal:
+            _child("rejected", refusal[0]).inc()
+            return await _send(refusal[1], scope, receive, send)
+        self.in_flight += 1
+        if budget is not None: self.admission.enter(1)  # one until the body says how many
+        try:
+            if self.api and scope["method"] == "POST": return await _send(await self._scored(hit, headers, receive, t0, budget, ahead), scope, receive, send)
+            status = [500]
+            async def send_status(message):
+                if message["type"] == "http.response.start": status[0] = message["status"]
+                await send(message)
+            await self.app(scope, receive, send_status)  # LitServe's workers score it (or the router answers another method)
+            return status[0]
+        finally:
+            self.in_flight -= 1
+            if budget is not None: self.admission.leave(1)
+
+    async def _scored(self, hit: tuple, headers: dict, receive, t0: float, budget: float, ahead: int) -> bytes | Response:
+        "`_score`, with an unexpected failure answered as a 500 and logged without the request's data (the edge runs outside Starlette's error handler)."
+        try: return await self._score(hit, headers, receive, t0, budget, ahead)
+        except Exception as e:
+            logging.getLogger("mlpay.serve").error("scoring failed (%s)\n%s", scrub(e), "".join(traceback.format_tb(e.__traceback__)))
+            return _json(500, "internal error: the server logged it", route=hit[0])
 
     def _overloaded(self, budget: float, route: str) -> Response:
         return _json(503, f"overloaded: the work queued ({self.admission.wait_s() * 1e3:.1f} ms) does not leave this request its "
                           f"{budget * 1e3:g} ms budget; retry shortly", {"Retry-After": "1"}, route)
 
-    async def _score(self, route: str, path: str, headers: dict, receive, t0: float, budget: float, ahead: int) -> Response:
+    async def _score(self, hit: tuple, headers: dict, receive, t0: float, budget: float, ahead: int) -> bytes | Response:
         "Read, validate and score a request in this process, in turns of at most `turn_transactions` transactions."
-        body, more = bytearray(), True
+        (route, m), body, more = hit, bytearray(), True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect": return _json(400, "client disconnected", route=route)
@@ -635,13 +672,12 @@ class EdgeMiddleware:
             more = message.get("more_body", False)
             if len(body) > self.max_body: return _json(413, f"request body over {self.max_body} bytes", route=route)
         if route == INFER:  # the Open Inference Protocol: its tensors as a /predict batch, validated as /predict's
-            m = _INFER.fullmatch(path)
             try: request, answer = self.api.oip.request(m["name"], m["version"], bytes(body), headers.get(b"inference-header-content-length"))
             except OipError as e: return JSONResponse(e.body(), status_code=e.status)
         else:
-            try: request = REQUESTS[path].model_validate_json(body)
+            try: request = REQUESTS[route].model_validate_json(body)
             except ValidationError as e: return _invalid(e.errors(include_input=False))
-            answer = _answer
+            answer = _body
         r = _Request(self.api.decode_chunks(request, self.turn), t0, budget, ahead, route)
         self.admission.enter(r.n - 1)
         try:
@@ -650,7 +686,7 @@ class EdgeMiddleware:
             self.queue.append(r)
             await r.done
         finally: self.admission.leave(r.n - 1)
-        if r.refused: _metrics()["rejected"].labels("late").inc()
+        if r.refused: _child("rejected", "late").inc()
         return r.refused or answer(self.api.encode_chunks(r.items))
 
     def _turn(self):
@@ -776,6 +812,15 @@ def _metrics_dir(settings: ServeSettings) -> None:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlpay-metrics-{os.getpid()}"))
     Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
+class _EdgeFirst(FastAPI):
+    "FastAPI behind the edge: a scoring request is answered before FastAPI's own middleware (telemetry, body limit, error handler) sees it."
+    def __init__(self, edge: tuple, **kwargs):
+        super().__init__(**kwargs)
+        middleware, options = edge
+        self.edge = middleware(super().__call__, **options)
+
+    async def __call__(self, scope, receive, send): await self.edge(scope, receive, send)
+
 def build_app(model_dir: Path | str, # a model package directory
               settings: ServeSettings | None = None, # from the environment by default
              ) -> FastAPI:
@@ -793,10 +838,8 @@ def build_app(model_dir: Path | str, # a model package directory
         yield
         api.owner.close()  # a clean stop (SIGTERM) keeps the latest in-process state and flushes the decision log
 
-    app = FastAPI(title="mlpay", lifespan=lifespan)
+    app = _EdgeFirst(_edge(settings, api), title="mlpay", lifespan=lifespan)
     _common_routes(app)
-    middleware, kwargs = _edge(settings, api)
-    app.add_middleware(middleware, **kwargs)
     # The edge answers these; the routes document them and answer the same way without it.
     async def predict(request: PredictRequest) -> Response: return _answer(api.score(request))
     async def feedback(request: FeedbackRequest) -> Response: return _answer(api.score(request))
@@ -915,16 +958,24 @@ def main(argv=None):
         OnlineFeatures(*state, max_lateness_s=settings.max_lateness_s, card_idle_days=settings.card_idle_days)
         if settings.shadow_model and (gaps := state_gaps(load_package(settings.shadow_model).manifest, *state)):
             raise ValueError(f"MLPAY_SHADOW_MODEL {settings.shadow_model}: needs online state the champion's does not keep: {'; '.join(gaps)}")
+        if settings.workers and settings.http != "uvicorn": raise ValueError("MLPAY_HTTP=granian serves the HTTP process's own scoring (MLPAY_WORKERS=0): LitServe's workers sit behind its uvicorn")
         if settings.workers: server = build_server(a.model, settings)
     except (ValueError, OSError) as e: raise SystemExit(f"error: {e}") from None
     # No access log: a line per request costs CPU on the hot path; /metrics counts requests instead.
     if settings.workers:
-        server.run(host=a.host, port=a.port, num_api_servers=settings.api_servers, generate_client_file=False, access_log=False)
-    elif settings.api_servers == 1: uvicorn.run(build_app(a.model, settings), host=a.host, port=a.port, access_log=False)
-    else:  # uvicorn's process manager; each process imports the app from MLPAY_MODEL
-        os.environ["MLPAY_MODEL"] = str(Path(a.model).resolve())
-        _metrics_dir(settings)  # here, so that every process inherits the same directory
-        uvicorn.run("mlpay.serve:create_app", factory=True, workers=settings.api_servers, host=a.host, port=a.port, access_log=False)
+        return server.run(host=a.host, port=a.port, num_api_servers=settings.api_servers, generate_client_file=False, access_log=False)
+    # mlpay reads no client address (no X-Forwarded-For middleware) and names no server software (no Server header)
+    http = {"host": a.host, "port": a.port, "access_log": False, "proxy_headers": False, "server_header": False}
+    if settings.http == "uvicorn" and settings.api_servers == 1: return uvicorn.run(build_app(a.model, settings), **http)
+    # several processes, or granian: each process imports the app from MLPAY_MODEL
+    os.environ["MLPAY_MODEL"] = str(Path(a.model).resolve())
+    _metrics_dir(settings)  # here, so that every process inherits the same directory
+    if settings.http == "uvicorn": return uvicorn.run("mlpay.serve:create_app", factory=True, workers=settings.api_servers, **http)
+    from granian import Granian  # granian's HTTP/1.1 runs in Rust; its single-threaded runtime keeps the tail of a 2-core machine (bench/serve.py)
+    import multiprocessing
+    multiprocessing.set_start_method("spawn", force=True)  # granian forks its workers by default: polars' threads, started by the checks above, would hang the child
+    Granian("mlpay.serve:create_app", factory=True, interface="asgi", address=a.host, port=a.port, workers=settings.api_servers,
+            runtime_mode="st", loop="uvloop", http="1", websockets=False, log_access=False).serve()
 
 # %% ../nbs/52_serve.ipynb #5fb1b79c
 class OipModel:
