@@ -6,19 +6,22 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from operator import index as as_int
 from pathlib import Path
-from typing import Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import polars as pl
 
 from .files import atomic_path
-from .registry import DAY_US, FEATURE_INPUTS, KEYS, FeatureRegistry
+from .registry import DAY_US, FEATURE_INPUTS, KEYS, STEP_KINDS, FeatureRegistry
 
 # %% auto #0
 __all__ = ['TX_FIELDS', 'TX_BUCKET_BITS', 'Tx', 'parse_tx', 'Retention', 'View', 'aggregates_from_view', 'history_from_view',
@@ -38,14 +41,15 @@ class Tx(NamedTuple):
     amount: float
     when: datetime
 
-def _int_field(tx: Mapping, name: str) -> int:
-    v = tx[name]
+# Each check starts with the usual case (exact types), which costs a type comparison; the rest is the general rule.
+def _int_field(v, name: str) -> int:
+    if type(v) is int: return v
     if isinstance(v, (bool, np.bool_)): raise ValueError(f"{name} must be an integer, got {v!r}")
     try: return as_int(v)
     except TypeError: raise ValueError(f"{name} must be an integer, got {v!r}") from None
 
-def _time_field(tx: Mapping, name: str) -> datetime:
-    v = tx[name]
+def _time_field(v, name: str) -> datetime:
+    if type(v) is datetime and v.tzinfo is None: return v
     if isinstance(v, str):
         try: v = datetime.fromisoformat(v)
         except ValueError: raise ValueError(f"{name} must be an ISO 8601 date-time, got {v!r}") from None
@@ -53,8 +57,8 @@ def _time_field(tx: Mapping, name: str) -> datetime:
     if v.tzinfo is not None: raise ValueError(f"{name} must be naive (the transactions' clock), got {v!r}")
     return v
 
-def _amount_field(tx: Mapping, name: str) -> float:
-    v = tx[name]
+def _amount_field(v, name: str) -> float:
+    if type(v) is float and math.isfinite(v): return v
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
@@ -62,11 +66,14 @@ def _amount_field(tx: Mapping, name: str) -> float:
 def parse_tx(tx: Mapping, # an authorization: `TX_FIELDS`
             ) -> Tx:
     "Validate a request's fields; KeyError names a missing field, ValueError a bad one."
-    missing = [f for f in TX_FIELDS if f not in tx]
-    if missing: raise KeyError(f"transaction lacks the fields {missing}")
-    when = _time_field(tx, "tx_datetime")
-    return Tx(_int_field(tx, "transaction_id"), (when - _EPOCH) // _US, _int_field(tx, "customer_id"),
-              _int_field(tx, "terminal_id"), _amount_field(tx, "tx_amount"), when)
+    try: i, when, card, terminal, amount = tx["transaction_id"], tx["tx_datetime"], tx["customer_id"], tx["terminal_id"], tx["tx_amount"]
+    except KeyError:
+        missing = [f for f in TX_FIELDS if f not in tx]
+        if missing: raise KeyError(f"transaction lacks the fields {missing}") from None
+        raise
+    when = _time_field(when, "tx_datetime")
+    return Tx(_int_field(i, "transaction_id"), (when - _EPOCH) // _US, _int_field(card, "customer_id"),
+              _int_field(terminal, "terminal_id"), _amount_field(amount, "tx_amount"), when)
 
 # %% ../nbs/50_online.ipynb #21a14f6e
 @dataclass(frozen=True)
@@ -99,10 +106,11 @@ class Retention:
         "Which card entries stay: those within the card horizon, and each card's last `n_history`."
         return (t >= self.card_cut(watermark)) | (back <= self.n_history)
 
-    def card_drop(self, t: np.ndarray, # one card's entry times, sorted
+    def card_drop(self, t: Sequence[int], # one card's entry times, sorted
                   watermark: int) -> int:
-        "How many of a card's oldest entries leave (`card_kept` on one card's sorted entries)."
-        return len(t) - int(self.card_kept(t, np.arange(len(t), 0, -1), watermark).sum())
+        "How many of a card's oldest entries leave: `card_kept` on one card's sorted entries, in two comparisons."
+        # sorted, the entries before the cut are the first ones, and those beyond the last n_history too
+        return max(0, min(bisect_left(t, self.card_cut(watermark)), len(t) - self.n_history))
 
     def card_idle(self, last_t, watermark: int):
         "Whether a card whose newest entry is at `last_t` has been idle too long to keep."
@@ -118,104 +126,155 @@ class Retention:
 
 # %% ../nbs/50_online.ipynb #b4429cf6
 class View(NamedTuple):
-    "What scoring one transaction reads from the state."
-    card_t: np.ndarray # int64 times of the card's entries, sorted by (time, id)
-    card_id: np.ndarray # int64 their transaction ids
-    card_amount: np.ndarray # float64 their amounts
-    terminal_t: np.ndarray # int64 sorted times of the terminal's transactions (at least those in (t - d - W, t - d])
-    fraud_t: np.ndarray # int64 sorted times of the terminal's known frauds (the same range at least)
+    "What scoring one transaction reads from the state: sorted sequences (`array`s, lists or numpy arrays) that never change once returned."
+    card_t: Sequence[int] # times of the card's entries, sorted by (time, id)
+    card_id: Sequence[int] # their transaction ids
+    card_amount: Sequence[float] # their amounts
+    terminal_t: Sequence[int] # sorted times of the terminal's transactions (at least those in (t - d - W, t - d])
+    fraud_t: Sequence[int] # sorted times of the terminal's known frauds (the same range at least)
 
+class _Plan(NamedTuple):
+    "What the online executor needs of a registry, worked out once."
+    keys: tuple # per key: (card?, delay µs, windows µs ascending, then per aggregate kind of `_KINDS` its [(position, window index)])
+    attrs: list # positions of the transaction's amount, weekday and hour (None: not read)
+    n_aggs: int
+    row: Callable # `_row_function`
+    n_features: int
+    step_kinds: list # the `STEP_KINDS` function of each step
+
+_KINDS = ("n", "amount", "since", "frauds", "since_fraud")
 _PLANS: dict[int, tuple] = {}  # by the registry's id: hashing a registry per transaction would cost more than the plan saves
 
-def _plan(registry: FeatureRegistry) -> tuple:
+def _plan(registry: FeatureRegistry) -> _Plan:
     "The online plan of `registry` (`_make_plan`), made once per registry object."
     hit = _PLANS.get(id(registry))
     if hit is None or hit[0] is not registry: hit = _PLANS[id(registry)] = (registry, _make_plan(registry))
     return hit[1]
 
-def _make_plan(registry: FeatureRegistry) -> tuple:
-    "Per registry, once: where each aggregate goes, and for each key its delay (µs), window lengths (µs) and aggregates to fill."
+_WHATS = {"card": ("n", "amount", "since"), "terminal": ("n", "frauds", "since", "since_fraud")}  # what each key's view holds
+
+def _make_plan(registry: FeatureRegistry) -> _Plan:
+    "The `_Plan` of `registry`; a `ValueError` for an aggregate the views cannot give."
     index = {n: i for i, n in enumerate(registry.aggregates())}
     plan = []
     for key in KEYS:
-        feats = [f for f in registry.computed if f.key == key]
-        if not feats: continue
-        d = registry.label_delay_days * DAY_US if any(f.delayed for f in feats) else 0
         need = [a.split(".") for a in registry.aggregates() if a.startswith(f"{key}.")]
+        if not need: continue
+        if bad := sorted({what for _, _, what in need} - set(_WHATS[key])): raise ValueError(f"the online executor has no {key} aggregate {bad}")
+        # card windows are undelayed, terminal windows delayed (`Feature` says so): the card's view is what came before
+        d = registry.label_delay_days * DAY_US if key == "terminal" else 0
         windows = sorted({int(w) for _, w, _ in need})
-        plan.append((key, d, windows, np.asarray(windows, np.int64) * DAY_US, [(index[f"{key}.{w}.{what}"], windows.index(int(w)), what) for _, w, what in need]))
-    return tuple(plan), [index.get(n) for n in ("amount", "weekday", "hour")], len(index)
+        fill = [[(index[f"{key}.{w}.{what}"], windows.index(int(w))) for _, w, wh in need if wh == what] for what in _KINDS]
+        plan.append((key == "card", d, [w * DAY_US for w in windows], *fill))
+    return _Plan(tuple(plan), [index.get(n) for n in ("amount", "weekday", "hour")], len(index), _row_function(registry),
+                 len(registry.computed), [STEP_KINDS[s.kind] for s in registry.steps])
+
+def _row_function(registry: FeatureRegistry):
+    "`row(aggregates) -> features` of one transaction: the registry's kinds on Python floats (its few-rows rule), one call each."
+    # generated: a call with its arguments written out costs CPython 3.11 less than half of `fn(p, *args)`
+    env, calls = {}, []
+    for j, (fn, idx, p) in enumerate(registry._scalar_plan):
+        env[f"f{j}"], env[f"p{j}"] = fn, p
+        calls.append(f"f{j}(p{j}, {', '.join(f'a[{i}]' for i in idx)})")
+    exec(f"def row(a): return [{', '.join(calls)}]", env)
+    return env["row"]
 
 def _before(v: View, x: Tx) -> int:
     "How many card entries come before `x` in arrival order (time, then transaction id)."
-    lo, hi = v.card_t.searchsorted(x.t, "left"), v.card_t.searchsorted(x.t, "right")
-    return int(lo + v.card_id[lo:hi].searchsorted(x.id, "left"))
-
-def _key_view(v: View, key: str, x: Tx, p: int) -> tuple:
-    "(entry times, amounts or None, known-fraud times or None) of `key` as `x` sees them; undelayed: the card's entries before it."
-    if key == "card": return v.card_t[:p], v.card_amount[:p], None
-    return v.terminal_t, None, v.fraud_t
+    t = v.card_t
+    lo = bisect_left(t, x.t)
+    hi = bisect_right(t, x.t, lo)
+    return lo if lo == hi else bisect_left(v.card_id, x.id, lo, hi)
 
 def aggregates_from_view(registry: FeatureRegistry, # what to compute
                          x: Tx, # the transaction
                          v: View, # the state it sees
                         ) -> list[float]:
     "The registry's aggregates of `x` in `registry.aggregates()` order, as `compute_features` computes them for its row."
-    plan, attrs, n_aggs = _plan(registry)
-    out = [0.0] * n_aggs
-    for i, value in zip(attrs, (x.amount, x.when.weekday(), x.when.hour)):
-        if i is not None: out[i] = value
-    p = _before(v, x)
-    for key, d, windows, w_us, need in plan:
-        t, amount, fraud_t = _key_view(v, key, x, p)
-        end = x.t - d
-        if d:  # entries at or before the delayed end: [0, hi)
-            hi, lo = int(t.searchsorted(end, "right")), t.searchsorted(end - w_us, "right")
-            n = hi - lo
-        else:  # the entries before x in arrival order, and x itself
-            hi, lo = len(t), t.searchsorted(end - w_us, "right")
-            n = hi - lo + 1
-        if amount is not None:
-            # sums from the newest entry back: a window's sum depends on its own entries only, so a retry gets the
-            # same bits whatever older entries eviction has left
-            back = np.concatenate(([0.0], np.cumsum(amount[::-1])))
-            total = back[hi - lo] + (0.0 if d else x.amount)
-        for at, i, what in need:
-            if what == "n": out[at] = float(n[i])
-            elif what == "amount": out[at] = float(total[i])
-            elif what == "frauds": out[at] = float(fraud_t.searchsorted(end, "right") - fraud_t.searchsorted(end - w_us[i], "right"))
-            elif what == "since": out[at] = (x.t - t[hi - 1]) / 1e6 if hi else np.inf
-            elif what == "since_fraud":
-                k = int(fraud_t.searchsorted(end, "right"))
-                out[at] = (x.t - fraud_t[k - 1]) / 1e6 if k else np.inf
-            else: raise ValueError(f"the online executor has no aggregate {what!r}")
+    return _aggregates(registry, x, v, _before(v, x))
+
+def _aggregates(registry: FeatureRegistry, x: Tx, v: View, p: int) -> list[float]:
+    "`aggregates_from_view`, given `p = _before(v, x)`."
+    plan = _plan(registry)
+    amount_at, weekday_at, hour_at = plan.attrs
+    xt = x.t
+    out = [0.0] * plan.n_aggs  # floats only, as `FeatureRegistry.values` reads them
+    if amount_at is not None: out[amount_at] = x.amount
+    if weekday_at is not None: out[weekday_at] = float(x.when.weekday())
+    if hour_at is not None: out[hour_at] = float(x.when.hour)
+    for card, d, w_us, n_fill, amount_fill, since_fill, frauds_fill, since_fraud_fill in plan.keys:
+        # a few dozen entries per card or terminal: bisect on them costs less than one numpy call
+        end = xt - d
+        if card: t, hi, self_ = v.card_t, p, 1  # the entries before x in arrival order, and x itself
+        else: t, self_ = v.terminal_t, 0; hi = bisect_right(t, end)  # entries at or before the delayed end
+        los, lo = [], hi
+        for w in w_us:  # windows ascending: each starts at or before the shorter one's start
+            lo = bisect_right(t, end - w, 0, lo)
+            los.append(lo)
+        for at, i in n_fill: out[at] = float(hi - los[i] + self_)
+        if amount_fill:
+            # sums from the newest entry back, each window's continuing the shorter one's: a window's sum depends on
+            # its own entries only, so a retry gets the same bits whatever older entries eviction has left
+            amount, s, top, totals = v.card_amount, 0.0, hi, []
+            for lo in los:
+                s = sum(amount[lo:top][::-1], s)
+                top = lo
+                totals.append(s + x.amount)
+            for at, i in amount_fill: out[at] = totals[i]
+        for at, _ in since_fill: out[at] = (xt - t[hi - 1]) / 1e6 if hi else math.inf
+        if since_fraud_fill or frauds_fill:
+            f = v.fraud_t
+            k = bisect_right(f, end)
+            for at, _ in since_fraud_fill: out[at] = (xt - f[k - 1]) / 1e6 if k else math.inf
+            if k:  # (no known fraud: every count stays 0)
+                for at, i in frauds_fill: out[at] = float(k - bisect_right(f, end - w_us[i], 0, k))
     return out
 
 def history_from_view(x: Tx, # the transaction
                       v: View, # the state it sees
                       n: int, # steps of history, the transaction itself included
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> tuple[list[float], list[float], list[bool]]:
     "(amounts, hours before `x`, real) of `x`'s last `n` card entries, most recent first, zero-padded: what the steps are made of."
-    p = _before(v, x)
+    return _history(x, v, n, _before(v, x))
+
+def _history(x: Tx, v: View, n: int, p: int) -> tuple[list[float], list[float], list[bool]]:
+    "`history_from_view`, given `p = _before(v, x)`."
     k = min(n - 1, p)
-    t, amount = np.full(n, x.t, np.int64), np.zeros(n)
-    t[1:k + 1], amount[0], amount[1:k + 1] = v.card_t[p - k:p][::-1], x.amount, v.card_amount[p - k:p][::-1]
-    return amount, (x.t - t) / 3.6e9, np.arange(n) <= k
+    pad, xt = n - 1 - k, x.t
+    amount, hours = [x.amount], [0.0]
+    amount.extend(v.card_amount[p - k:p][::-1])  # (extend, not +=: a numpy view would broadcast)
+    hours.extend([(xt - t) / 3.6e9 for t in v.card_t[p - k:p][::-1]])
+    if pad: amount.extend([0.0] * pad); hours.extend([0.0] * pad)
+    return amount, hours, [True] * (k + 1) + [False] * pad
 
 def steps_of(registry: FeatureRegistry, # its steps say what each step carries
-             histories: list[tuple[np.ndarray, np.ndarray, np.ndarray]], # `history_from_view` of a batch of transactions
+             histories: list[tuple[Sequence[float], Sequence[float], Sequence[bool]]], # `history_from_view` of a batch of transactions
             ) -> np.ndarray:
-    "The (rows, n, len(registry.steps)) float32 steps of a batch, as `history_steps` gives them: one call of the registry's arithmetic."
-    amount, hours, real = (np.stack(c) for c in zip(*histories))
-    return registry.step_values(amount, hours, real)
+    "The (rows, n, len(registry.steps)) float32 steps of a batch, as `history_steps` gives them: the registry's step kinds, once each."
+    rows = len(histories)
+    h = np.array([[*amount, *hours] for amount, hours, _ in histories], np.float64).reshape(rows, 2, -1)  # one flat conversion: the cheapest
+    amount, hours = h[:, 0], h[:, 1]
+    # `FeatureRegistry.step_values` assembled in place: its stack and where cost more than the kinds on a few rows
+    out = np.empty((*amount.shape, len(registry.steps)), np.float32)
+    for j, kind in enumerate(_plan(registry).step_kinds): out[..., j] = kind(amount, hours)
+    if rows > 4: out[~np.array([r for _, _, r in histories], bool)] = 0  # padding is zero whatever the kind
+    else:  # the real steps come first: a slice per row costs less than a mask
+        for i, (_, _, real) in enumerate(histories):
+            if not real[-1]: out[i, sum(real):] = 0
+    return out
 
 def steps_from_view(registry: FeatureRegistry, x: Tx, v: View, n: int) -> np.ndarray:
     "The (n, len(registry.steps)) float32 history of one transaction (`steps_of` of one `history_from_view`)."
     return steps_of(registry, [history_from_view(x, v, n)])[0]
 
 def features_from_aggregates(registry: FeatureRegistry, aggs: list[list[float]]) -> np.ndarray:
-    "The float64 features (rows, len(names)) of a batch of transactions' aggregates: one call of the registry's arithmetic."
-    return registry.values(np.array(aggs, np.float64).reshape(len(aggs), len(registry.aggregates())))
+    "The float64 features (rows, len(names)) of a batch of transactions' aggregates: the registry's arithmetic, vectorised over a batch."
+    plan = _plan(registry)
+    if len(aggs) > 4: return registry.values(np.array(aggs, np.float64).reshape(len(aggs), plan.n_aggs))
+    # a few rows (a server's batch): what `values` computes for them, without its per-feature unpacking
+    for a in aggs:
+        if len(a) != plan.n_aggs: raise ValueError(f"aggregates must be (rows, {plan.n_aggs}), got a row of {len(a)}")
+    return np.array([plan.row(a) for a in aggs], np.float64) if aggs else np.empty((0, plan.n_features))
 
 # %% ../nbs/50_online.ipynb #692e0dbb
 class StateTables(NamedTuple):
@@ -250,6 +309,7 @@ def _changed(x: Tx, before) -> ValueError:
 _TX_COLS = {"id": pl.Int64, "t": pl.Int64, "card": pl.Int64, "terminal": pl.Int64, "amount": pl.Float64, "fraud": pl.Int8}
 _CARD_COLS = {"card": pl.Int64, "t": pl.Int64, "id": pl.Int64, "amount": pl.Float64}
 _NONE = np.array([], np.int64)
+_Q, _D = "q", "d"  # the `array` typecodes of int64 and float64
 
 def _groups(keys: np.ndarray, *cols: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
     "Split columns sorted by `keys` into a dict key -> (slices of each column)."
@@ -270,7 +330,9 @@ class _Log:
         self._lo, self._hi = 0, n
         self._view()
 
-    def _view(self): self.cols = {k: b[self._lo:self._hi] for k, b in self._buf.items()}  # what readers (and label) use
+    def _view(self):
+        self.cols = {k: b[self._lo:self._hi] for k, b in self._buf.items()}  # what readers (and label) use
+        self.last = int(self.cols["id"][-1]) if self._hi > self._lo else None  # the largest id, as a Python int
 
     def append(self, add: dict[str, np.ndarray]) -> None:
         "Add rows whose ids all follow the last one's."
@@ -298,6 +360,7 @@ class _TxIndex:
         return None if i < 0 else tuple(self.log.cols[k][i].item() for k in ("t", "card", "terminal", "amount"))
 
     def _row(self, tid: int) -> int:
+        if self.log.last is None or tid > self.log.last: return -1  # a new transaction's id, the usual case: no search
         ids = self.log.cols["id"]
         i = int(np.searchsorted(ids, tid))
         return i if i < len(ids) and ids[i] == tid else -1
@@ -349,25 +412,33 @@ class _TxIndex:
 
     def __len__(self): return len(self.log.cols["id"]) + len(self.recent)
 
+def _arrays(cols: tuple[np.ndarray, ...]) -> tuple[array, ...]:
+    "numpy columns as `array`s: float64 ('d') or int64 ('q')."
+    return tuple(array(_D, c.astype(np.float64, copy=False).tobytes()) if c.dtype.kind == "f" else array(_Q, c.astype(np.int64, copy=False).tobytes()) for c in cols)
+
+def _numpy(a: array) -> np.ndarray: return np.frombuffer(a, np.float64 if a.typecode == _D else np.int64)
+
 class _CardHistories:
-    "Each card's kept entries: sorted arrays of time, id and amount."
+    "Each card's kept entries: sorted `array`s of time, id and amount, replaced (never changed) when the card changes."
     def __init__(self, cards: pl.DataFrame):
         c = cards.sort("card", "t", "id")
-        self.cards = _groups(c["card"].to_numpy(), c["t"].to_numpy(), c["id"].to_numpy(), c["amount"].to_numpy())
+        self.cards = {k: _arrays(v) for k, v in _groups(c["card"].to_numpy(), c["t"].to_numpy(), c["id"].to_numpy(), c["amount"].to_numpy()).items()}
         self.idle: deque[tuple[int, int]] = deque()  # (newest time, card) of cards that may go idle, in time order
 
-    def view(self, card: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.cards.get(card, (_NONE, _NONE, np.array([], np.float64)))
+    def view(self, card: int) -> tuple[array, array, array]:
+        return self.cards.get(card, _NO_CARD)
 
     def insert(self, x: Tx, keep: Retention, wm: int) -> None:
         "Add `x` in arrival order; trim the card to the retention."
         c = self.cards.get(x.card)
-        if c is None: self.cards[x.card] = (np.array([x.t]), np.array([x.id]), np.array([x.amount])); return
-        ct, ci, _ = c
-        i = len(ct) if (ct[-1], ci[-1]) < (x.t, x.id) else _before(View(ct, ci, c[2], _NONE, _NONE), x)
-        c = tuple(np.concatenate((a[:i], [v], a[i:])) for a, v in zip(c, (x.t, x.id, x.amount)))
-        drop = keep.card_drop(c[0], wm)
-        self.cards[x.card] = tuple(a[drop:] for a in c) if drop else c
+        if c is None: self.cards[x.card] = (array(_Q, (x.t,)), array(_Q, (x.id,)), array(_D, (x.amount,))); return
+        ct, ci, ca = c
+        i = len(ct) if (ct[-1], ci[-1]) < (x.t, x.id) else _before(View(ct, ci, ca, (), ()), x)
+        ct, ci, ca = ct[:], ci[:], ca[:]  # copies (a few dozen entries): a view returned earlier keeps what it saw
+        ct.insert(i, x.t); ci.insert(i, x.id); ca.insert(i, x.amount)
+        drop = keep.card_drop(ct, wm)
+        if drop: del ct[:drop], ci[:drop], ca[:drop]
+        self.cards[x.card] = ct, ci, ca
 
     def prune(self, card: int, keep: Retention, wm: int) -> None:
         "Trim a card to the retention; forget it when nothing is kept; queue it when it may go idle."
@@ -375,8 +446,8 @@ class _CardHistories:
         if c is None: return
         drop = keep.card_drop(c[0], wm)
         if drop >= len(c[0]): del self.cards[card]; return
-        if drop: c = self.cards[card] = tuple(a[drop:].copy() for a in c)
-        if keep.card_idle_us is not None and c[0][-1] < keep.terminal_cut(wm): self.idle.append((int(c[0][-1]), card))
+        if drop: c = self.cards[card] = tuple(a[drop:] for a in c)
+        if keep.card_idle_us is not None and c[0][-1] < keep.terminal_cut(wm): self.idle.append((c[0][-1], card))
 
     def forget_idle(self, keep: Retention, wm: int) -> None:
         "Forget the queued cards that have been idle too long."
@@ -388,28 +459,32 @@ class _CardHistories:
     def table(self) -> pl.DataFrame:
         cards = sorted(self.cards.items())
         lens = np.array([len(c[0]) for _, c in cards], np.int64)
-        flat = [np.concatenate([c[j] for _, c in cards]) if cards else np.array([]) for j in range(3)]
+        flat = [np.concatenate([_numpy(c[j]) for _, c in cards]) if cards else np.array([]) for j in range(3)]
         return pl.DataFrame({"card": np.repeat(np.array([k for k, _ in cards], np.int64), lens), "t": flat[0],
                              "id": flat[1], "amount": flat[2]}, schema=_CARD_COLS)
 
+_NO_TIMES = array(_Q)
+_NO_CARD = (_NO_TIMES, _NO_TIMES, array(_D))  # an unknown card's view (shared: arrays in the state are never changed in place)
+
 class _TerminalHistories:
-    "Each terminal's sorted transaction times and its known frauds ({id: time})."
+    "Each terminal's sorted transaction times (an `array`, replaced when it changes) and its known frauds ({id: time})."
     def __init__(self, txs: pl.DataFrame):
         term = txs.sort("terminal", "t")
-        self.times = {k: v[0] for k, v in _groups(term["terminal"].to_numpy(), term["t"].to_numpy()).items()}
+        self.times = {k: _arrays(v)[0] for k, v in _groups(term["terminal"].to_numpy(), term["t"].to_numpy()).items()}
         self.frauds: dict[int, dict[int, int]] = {}
         for terminal, tid, t in txs.filter(pl.col("fraud") == 1).select("terminal", "id", "t").iter_rows():
             self.frauds.setdefault(terminal, {})[tid] = t  # frauds are few
 
-    def view(self, terminal: int) -> tuple[np.ndarray, np.ndarray]:
+    def view(self, terminal: int) -> tuple[array, list[int]]:
         fr = self.frauds.get(terminal)
-        return self.times.get(terminal, _NONE), np.sort(np.fromiter(fr.values(), np.int64, len(fr))) if fr else _NONE
+        return self.times.get(terminal, _NO_TIMES), sorted(fr.values()) if fr else []
 
     def insert(self, x: Tx, cut: int) -> None:
-        tt = self.times.get(x.terminal, _NONE)
-        i = tt.searchsorted(x.t, "right")
-        tt = np.concatenate((tt[:i], [x.t], tt[i:]))
-        self.times[x.terminal] = tt[np.searchsorted(tt, cut):]
+        "Add `x`'s time, dropping the times before `cut` (`x` is never among them: it is within the lateness)."
+        tt = self.times.get(x.terminal)
+        tt = array(_Q) if tt is None else tt[bisect_left(tt, cut):]  # a copy
+        tt.insert(bisect_right(tt, x.t), x.t)
+        self.times[x.terminal] = tt
 
     def label(self, terminal: int, tid: int, t: int, fraud: bool) -> None:
         if fraud: self.frauds.setdefault(terminal, {})[tid] = t
@@ -421,7 +496,7 @@ class _TerminalHistories:
         "Drop the terminal's entries and known frauds before `cut`."
         tt = self.times.get(terminal)
         if tt is not None:
-            tt = tt[np.searchsorted(tt, cut):].copy()
+            tt = tt[bisect_left(tt, cut):]
             if len(tt): self.times[terminal] = tt
             else: del self.times[terminal]
         fr = self.frauds.get(terminal)
@@ -449,7 +524,8 @@ class MemoryStore:
             before = self._index.find(x.id)
             if before is None: self._insert(x)
             elif before != (x.t, x.card, x.terminal, x.amount): raise _changed(x, before)
-            return View(*self._cards.view(x.card), *self._terminals.view(x.terminal))
+            (ct, ci, ca), (tt, ft) = self._cards.view(x.card), self._terminals.view(x.terminal)
+            return View(ct, ci, ca, tt, ft)
 
     def record_all(self, xs: Sequence[Tx]) -> int:
         "Record each of `xs` in order (a journal's or a backlog's); how many were refused (too late, or changed)."
@@ -462,9 +538,10 @@ class MemoryStore:
     def ping(self) -> bool: return True  # in this process: always there
 
     def _insert(self, x: Tx) -> None:
-        self._wm = max(self._wm, x.t)
-        self._cards.insert(x, self.keep, self._wm)
-        self._terminals.insert(x, self.keep.terminal_cut(self._wm))
+        wm = max(self._wm, x.t)
+        self._cards.insert(x, self.keep, wm)  # first: an id beyond int64 fails here, before anything changed
+        self._terminals.insert(x, self.keep.terminal_cut(wm))
+        self._wm = wm
         self._index.add(x)
         self._since += 1
         if self._since >= self.sweep_every: self.evict()
@@ -718,7 +795,8 @@ class RedisStore:
             if not prev or prev == payload:
                 _, card, term, fraud = reply
                 t, ids, bits = _ints(card).reshape(-1, 3).T.copy()
-                view = View(t, ids, bits.view(np.float64), _ints(term), _ints(fraud))
+                # lists: what the aggregates bisect fastest
+                view = View(t.tolist(), ids.tolist(), bits.view(np.float64).tolist(), _ints(term).tolist(), _ints(fraud).tolist())
         except (TypeError, ValueError, AttributeError, IndexError, UnicodeDecodeError): raise StateUnavailable("Redis answered the record script with a reply that does not parse") from None
         if prev and prev != payload: raise _changed(x, prev)
         return view
@@ -800,6 +878,7 @@ class OnlineFeatures:
         self.registry, self.n_history = registry, int(n_history)
         self.max_lateness_s, self.card_idle_days = max_lateness_s, card_idle_days
         self.keep = Retention.of(registry, n_history, max_lateness_s, card_idle_days)
+        _plan(registry)  # a registry this executor cannot serve fails here, at start, not on the first request
         self.store = MemoryStore() if store is None else store
         self.store.bind(self.keep)
 
@@ -808,7 +887,8 @@ class OnlineFeatures:
         "Record `tx` once (atomically with reading its view); its aggregates and card history (`history_from_view`; None without history)."
         x = tx if isinstance(tx, Tx) else parse_tx(tx)
         v = self.store.record(x)
-        return aggregates_from_view(self.registry, x, v), (history_from_view(x, v, self.n_history) if self.n_history else None)
+        p = _before(v, x)  # once for both
+        return _aggregates(self.registry, x, v, p), (_history(x, v, self.n_history, p) if self.n_history else None)
 
     def features(self, aggs: list[list[float]]) -> np.ndarray:
         "The float64 features (rows, len(registry.names)) of recorded transactions' aggregates, in one call."
