@@ -121,14 +121,19 @@ class Traced:
     __radd__, __rsub__, __rmul__, __rtruediv__ = _op("__add__", True), _op("__sub__", True), _op("__mul__", True), _op("__truediv__", True)
     __lt__, __le__, __gt__, __ge__ = _op("__lt__"), _op("__le__"), _op("__gt__"), _op("__ge__")
 
-    def __array_ufunc__(self, ufunc, method, *inputs, out=None, where=True, **kwargs):
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         from pyspark.sql import functions as F
         fns = {np.divide: lambda a, b: a / b, np.multiply: lambda a, b: a * b, np.add: lambda a, b: a + b,
                np.subtract: lambda a, b: a - b, np.minimum: F.least, np.maximum: F.greatest, np.log1p: F.log1p}
         if method != "__call__" or kwargs or ufunc not in fns: raise TypeError(f"the Spark executor cannot trace numpy's {ufunc.__name__} ({method}, {sorted(kwargs)})")
-        v = fns[ufunc](*map(Traced.of, inputs))
-        if where is not True: v = F.when(Traced.of(where), v).otherwise(Traced.of(out[0]))  # np.divide(..., out=default, where=ok)
-        return Traced(v)
+        return Traced(fns[ufunc](*map(Traced.of, inputs)))
+
+    def __array_function__(self, func, types, args, kwargs):
+        "numpy functions that are not ufuncs: `np.where` only, the registry's guard of a division."
+        from pyspark.sql import functions as F
+        if func is not np.where or kwargs or len(args) != 3: raise TypeError(f"the Spark executor cannot trace numpy's {func.__name__}")
+        cond, a, b = map(Traced.of, args)
+        return Traced(F.when(cond, a).otherwise(b))
 
 def feature_columns(registry: FeatureRegistry, # what to compute
                     aggregates: Mapping, # every name of `registry.aggregates()` -> a Spark column
