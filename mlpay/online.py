@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from operator import index as as_int
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -25,8 +25,8 @@ from .registry import DAY_US, FEATURE_INPUTS, KEYS, STEP_KINDS, FeatureRegistry
 
 # %% auto #0
 __all__ = ['TX_FIELDS', 'TX_BUCKET_BITS', 'Tx', 'parse_tx', 'Retention', 'View', 'aggregates_from_view', 'history_from_view',
-           'steps_of', 'steps_from_view', 'features_from_aggregates', 'StateTables', 'Store', 'LateTransaction',
-           'StateUnavailable', 'MemoryStore', 'RedisStore', 'OnlineFeatures']
+           'steps_of', 'steps_from_view', 'StateTables', 'Store', 'LateTransaction', 'StateUnavailable', 'MemoryStore',
+           'RedisStore', 'OnlineFeatures']
 
 # %% ../nbs/50_online.ipynb #9e2201d8
 TX_FIELDS = ("transaction_id", "tx_datetime", "customer_id", "terminal_id", "tx_amount")
@@ -138,8 +138,6 @@ class _Plan(NamedTuple):
     keys: tuple # per key: (card?, delay µs, windows µs ascending, then per aggregate kind of `_KINDS` its [(position, window index)])
     attrs: list # positions of the transaction's amount, weekday and hour (None: not read)
     n_aggs: int
-    row: Callable # `_row_function`
-    n_features: int
     step_kinds: list # the `STEP_KINDS` function of each step
 
 _KINDS = ("n", "amount", "since", "frauds", "since_fraud")
@@ -166,18 +164,7 @@ def _make_plan(registry: FeatureRegistry) -> _Plan:
         windows = sorted({int(w) for _, w, _ in need})
         fill = [[(index[f"{key}.{w}.{what}"], windows.index(int(w))) for _, w, wh in need if wh == what] for what in _KINDS]
         plan.append((key == "card", d, [w * DAY_US for w in windows], *fill))
-    return _Plan(tuple(plan), [index.get(n) for n in ("amount", "weekday", "hour")], len(index), _row_function(registry),
-                 len(registry.computed), [STEP_KINDS[s.kind] for s in registry.steps])
-
-def _row_function(registry: FeatureRegistry):
-    "`row(aggregates) -> features` of one transaction: the registry's kinds on Python floats (its few-rows rule), one call each."
-    # generated: a call with its arguments written out costs CPython 3.11 less than half of `fn(p, *args)`
-    env, calls = {}, []
-    for j, (fn, idx, p) in enumerate(registry._scalar_plan):
-        env[f"f{j}"], env[f"p{j}"] = fn, p
-        calls.append(f"f{j}(p{j}, {', '.join(f'a[{i}]' for i in idx)})")
-    exec(f"def row(a): return [{', '.join(calls)}]", env)
-    return env["row"]
+    return _Plan(tuple(plan), [index.get(n) for n in ("amount", "weekday", "hour")], len(index), [STEP_KINDS[s.kind] for s in registry.steps])
 
 def _before(v: View, x: Tx) -> int:
     "How many card entries come before `x` in arrival order (time, then transaction id)."
@@ -267,14 +254,7 @@ def steps_from_view(registry: FeatureRegistry, x: Tx, v: View, n: int) -> np.nda
     "The (n, len(registry.steps)) float32 history of one transaction (`steps_of` of one `history_from_view`)."
     return steps_of(registry, [history_from_view(x, v, n)])[0]
 
-def features_from_aggregates(registry: FeatureRegistry, aggs: list[list[float]]) -> np.ndarray:
-    "The float64 features (rows, len(names)) of a batch of transactions' aggregates: the registry's arithmetic, vectorised over a batch."
-    plan = _plan(registry)
-    if len(aggs) > 4: return registry.values(np.array(aggs, np.float64).reshape(len(aggs), plan.n_aggs))
-    # a few rows (a server's batch): what `values` computes for them, without its per-feature unpacking
-    for a in aggs:
-        if len(a) != plan.n_aggs: raise ValueError(f"aggregates must be (rows, {plan.n_aggs}), got a row of {len(a)}")
-    return np.array([plan.row(a) for a in aggs], np.float64) if aggs else np.empty((0, plan.n_features))
+
 
 # %% ../nbs/50_online.ipynb #692e0dbb
 class StateTables(NamedTuple):
@@ -892,7 +872,7 @@ class OnlineFeatures:
 
     def features(self, aggs: list[list[float]]) -> np.ndarray:
         "The float64 features (rows, len(registry.names)) of recorded transactions' aggregates, in one call."
-        return features_from_aggregates(self.registry, aggs)
+        return self.registry.values(aggs)
 
     def steps(self, histories: list[tuple]) -> np.ndarray:
         "The float32 history steps (rows, n_history, steps) of recorded transactions' histories, in one call."

@@ -35,6 +35,7 @@ class Item:
     single: bool = False # the request was one transaction: answer with one object
     t0: float = field(default_factory=time.perf_counter) # when the server got it
     ids: list[int] = field(default_factory=list) # the transaction ids scored
+    parsed: list[Tx] = field(default_factory=list) # ... as validated by the state (`parse_tx`): what the monitor and the decision log read
     features: np.ndarray | None = None # (rows, F) float64, the registry's features
     history: np.ndarray | None = None # (rows, N, steps) float32 for a sequence model
     scores: np.ndarray | None = None # the model's scores
@@ -138,7 +139,7 @@ class Scorer:
                     except ValueError as e: item.error = (409, f"transaction_id: {e}"); recorded += xs[:len(mine)]; continue  # a reused id with other contents
                     except Exception as e: self._state_lost(e)  # StateUnavailable, or a fault of the store itself: the stand-in below
                     else:
-                        item.ids = [x.id for x in xs]
+                        item.ids, item.parsed = [x.id for x in xs], xs
                         pending.append(item); aggs += [a for a, _ in mine]; histories += [h for _, h in mine]; recorded += xs
                         continue
                 self._stand_in_state(item)
@@ -170,7 +171,7 @@ class Scorer:
     def _stand_in_state(self, item: Item) -> None:
         "Answer `item` with the stand-in while the state is down, and keep its transactions for the state (the oldest beyond the bound are lost)."
         xs = [parse_tx(tx) for tx in item.txs]
-        item.ids, item.standin = [x.id for x in xs], "STATE_UNAVAILABLE"
+        item.ids, item.parsed, item.standin = [x.id for x in xs], xs, "STATE_UNAVAILABLE"
         self.counts["backlog_lost"] += max(0, len(self.backlog) + len(xs) - self.backlog.maxlen)
         self.backlog.extend(xs)
 
@@ -238,7 +239,7 @@ class Scorer:
                 if self.counts["shadow_errors"] == 1: log.error("the shadow model failed (%s): answering with the champion alone", scrub(e))
             else:
                 self.shadow_seconds.append(time.perf_counter() - t)
-                challenger = lineup.challenger(np.array([tx["customer_id"] for i in rows for tx in i.txs], np.int64))
+                challenger = lineup.challenger(np.array([x.card for i in rows for x in i.parsed], np.int64))
                 if challenger is not None:
                     answered, other = _pick(champion, shadow, challenger), _pick(shadow, champion, challenger)
                     # paired: both models decided every transaction, whichever answered it
@@ -254,7 +255,7 @@ class Scorer:
     def _stand_in(self, item: Item) -> None:
         "The champion package's stand-in decision, from the amounts alone: no score, no reasons but the stand-in's."
         standin = item.lineup.champion.standin
-        item.probability, item.decisions = standin.decide(np.array([tx["tx_amount"] for tx in item.txs], np.float64))
+        item.probability, item.decisions = standin.decide(np.array([x.amount for x in item.parsed], np.float64))
         item.scores, item.reasons = np.full(len(item.ids), np.nan), [[standin.reason(item.standin)]] * len(item.ids)
         item.shadow = item.challenger = None
 

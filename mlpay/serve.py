@@ -133,6 +133,7 @@ _SEPARATORS = re.compile(r"[ -]")
 
 def looks_like_pan(value: Any) -> bool:
     "True when `value` is 13-19 digits (spaces and dashes aside) passing the Luhn check."
+    if type(value) is int and -10**12 < value < 10**12: return False  # fewer than 13 digits, as every id but a card number: at once
     if isinstance(value, float) and value.is_integer(): value = int(value)  # 4111111111111111.0 is a JSON integer too
     if isinstance(value, bool) or not isinstance(value, (int, str)): return False
     s = _SEPARATORS.sub("", str(value))
@@ -397,19 +398,18 @@ class FraudAPI(ls.LitAPI):
         if shadowed: _shadow_metrics(rows)
         monitored = self.monitor and champion is self.monitored
         if not (monitored or self.decision_log): return
-        txs = [tx for i in rows for tx in i.txs]
-        t = np.array([tx["tx_datetime"] for tx in txs], "datetime64[us]")
-        cols = champion.columns
-        x = np.concatenate([i.features[:, cols] if i.features is not None else np.full((len(i.ids), len(cols)), np.nan) for i in rows])
+        ids, us, cards, terminals, amount, _ = zip(*(x for i in rows for x in i.parsed))  # the validated fields, column by column
+        t, amount = np.array(us, np.int64).view("datetime64[us]"), np.array(amount, np.float64)
+        width, cols = len(self.scorer.registry.computed), champion.columns
+        x = np.concatenate([i.features if i.features is not None else np.full((len(i.ids), width), np.nan) for i in rows])[:, cols]
         score, prob = np.concatenate([i.scores for i in rows]), np.concatenate([i.probability for i in rows])
-        amount = np.array([tx["tx_amount"] for tx in txs])
         if monitored:  # drift and performance are the model's: stand-in answers are counted apart (mlpay_standin)
-            model = np.concatenate([np.full(len(i.ids), i.standin is None) for i in rows])
+            model = np.repeat([i.standin is None for i in rows], [len(i.ids) for i in rows])
             if model.any(): self.monitor.observe(t[model].astype("datetime64[s]").astype(np.int64), x[model], score[model], prob[model], amount[model])
         if self.decision_log:
-            log = {"transaction_id": np.array([tx["transaction_id"] for tx in txs], np.int64), "tx_datetime": t,
-                   "customer_id": np.array([tx["customer_id"] for tx in txs], np.int64),  # the card token (a raw card number never gets this far)
-                   "terminal_id": np.array([tx["terminal_id"] for tx in txs], np.int64), "tx_amount": amount,
+            log = {"transaction_id": np.array(ids, np.int64), "tx_datetime": t,
+                   "customer_id": np.array(cards, np.int64),  # the card token (a raw card number never gets this far)
+                   "terminal_id": np.array(terminals, np.int64), "tx_amount": amount,
                    **{f"f.{c}": x[:, j] for j, c in enumerate(champion.package.manifest["columns"])}, "score": score, "probability": prob,
                    "decision": np.concatenate([i.decisions for i in rows]), "reasons": [[r["code"] for r in rs] for i in rows for rs in i.reasons],
                    "reason_shares": [[r["share"] for r in rs] for i in rows for rs in i.reasons],  # a case shows them as a chart
