@@ -20,8 +20,8 @@ from .policy import ACTIONS, _codes, action_costs
 
 # %% auto #0
 __all__ = ['PSI_FLOOR', 'SUMS', 'METRICS', 'SCORE', 'quantile_levels', 'quantile_edges', 'edge_matrix', 'bin_index', 'psi', 'ks',
-           'performance_sums', 'performance', 'decision_shares', 'Profile', 'flat_bins', 'bin_counts', 'Windows',
-           'monitor_of', 'MonitorCollector']
+           'performance_sums', 'performance', 'decision_shares', 'Profile', 'flat_bins', 'counts_of_bins', 'bin_counts',
+           'Windows', 'monitor_of', 'MonitorCollector']
 
 # %% ../nbs/60_monitoring.ipynb #43b0012a
 def quantile_levels(bins: int, # equal-mass bins
@@ -173,11 +173,14 @@ def flat_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     "(rows, features) of each value's bin among every feature's bins laid end to end (what `bin_counts` counts)."
     return bin_index(values, edges) + np.arange(edges.shape[0]) * (edges.shape[1] + 1)
 
-def bin_counts(values: np.ndarray, edges: np.ndarray, flat: np.ndarray | None = None) -> np.ndarray:
-    "(features, bins) counts of `values` (rows, features), or of their `flat_bins` when given."
+def counts_of_bins(flat: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    "(features, bins) counts of rows' `flat_bins`."
     f, b = edges.shape[0], edges.shape[1] + 1
-    idx = flat_bins(values, edges) if flat is None else flat
-    return np.bincount(idx.ravel(), minlength=f * b).reshape(f, b)
+    return np.bincount(flat.ravel(), minlength=f * b).reshape(f, b)
+
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    "(features, bins) counts of `values` (rows, features)."
+    return counts_of_bins(flat_bins(values, edges), edges)
 
 # %% ../nbs/60_monitoring.ipynb #353e0868
 class Windows:
@@ -225,7 +228,7 @@ class Windows:
             rows = slice(lo, hi)
             slot = bucket % len(self.bucket)
             if self.bucket[slot] != bucket: self.bucket[slot], self.counts[slot], self.sums[slot] = bucket, 0, 0
-            self.counts[slot] += bin_counts(None, self.edges, flat[rows])
+            self.counts[slot] += counts_of_bins(flat[rows], self.edges)
             self.sums[slot] += performance_sums(prob[rows], prob[rows], amount[rows], self.thresholds, self.costs)
             if self.first < 0 or bucket - self.newest >= len(self.bucket): self.first = int(bucket)  # the first, or after a gap longer than the ring
             self.newest = max(self.newest, int(bucket))
