@@ -226,7 +226,7 @@ def main():
     p.add_argument("--baseline", type=Path, help="another mlpay checkout (e.g. `git worktree add /tmp/prev HEAD~1`) whose default server "
                    "runs beside this one, on --baseline-model: a change measured against its predecessor in one run")
     p.add_argument("--baseline-model", type=Path, help="the model package the baseline checkout exported (its own package format)")
-    p.add_argument("--only-default", action="store_true", help="measure the default server (and the baseline) only")
+    p.add_argument("--only-default", action="store_true", help="measure the default server (and the baseline) only, beside the bare endpoint")
     p.add_argument("--traffic", choices=("replay", "random"), default="replay",
                    help="what mlpay is sent: the last --replay-days of --warm replayed (its state warmed with the days before: the data's velocity "
                         "and flagged share), or random cards, terminals and amounts (predict.lua: every card a velocity attack, ~30%% flagged)")
@@ -255,17 +255,16 @@ def main():
         return Run(name, [str(BIN / "mlpay-serve"), "--model", str(model), "--port", str(port)], port, script, env={**mlpay_env(), **(extra or {})},
                    wenv={"MLPAY_KEY": KEY, **traffic})
 
-    runs = [Run(BARE, [sys.executable, str(HERE / "bare_server.py"), str(a.model), "8101"], 8101, "features.lua")]
+    runs = [Run(BARE, [sys.executable, str(HERE / "bare_server.py"), str(a.model), "8101"], 8101, "features.lua")]  # every run's yardstick
     if not a.only_default:
         runs.append(Run("LitServe defaults (client features)", [sys.executable, str(HERE / "litserve_default.py"), str(a.model), "8102"],
                         8102, "features.lua"))
         runs += peer_runs(a.model)
-    else: runs = []
     if a.baseline:  # the same server command, importing mlpay from the other checkout
         cmd = [sys.executable, "-P", "-c", "from mlpay.serve import main; main()", "--model", str(a.baseline_model), "--port", "8107"]
         runs.append(Run(f"baseline {a.baseline.name}: mlpay, full path, default", cmd, 8107, script,
                         env={**mlpay_env(), "PYTHONPATH": str(a.baseline.resolve())}, wenv={"MLPAY_KEY": KEY, **traffic}))
-    runs.append(mlpay("mlpay, full path, default, without monitoring or decision log", unmonitored(a.model), 8108))
+    if not a.only_default: runs.append(mlpay("mlpay, full path, default, without monitoring or decision log", unmonitored(a.model), 8108))
     shadow = Path(tempfile.mkdtemp()) / "shadow"
     shutil.copytree(a.model, shadow)  # a shadow of itself costs what a challenger of the same architecture would
     full = {"MLPAY_DECISION_LOG_DIR": tempfile.mkdtemp()}  # monitoring is on by default, reasons for the flagged ones
@@ -278,7 +277,7 @@ def main():
             ("mlpay, full path, every operating feature on, served by granian (MLPAY_HTTP=granian)",
              {**full, "MLPAY_DECISION_LOG_DIR": tempfile.mkdtemp(), "MLPAY_HTTP": "granian"}, "http"),
             ("mlpay, full path, default, reasons for every transaction (MLPAY_REASONS=all)", {"MLPAY_REASONS": "all"}, None)):
-        if a.only_default and "MLPAY_WORKERS" in extra: continue
+        if a.only_default and name != IN_PROCESS: continue
         runs.append(mlpay(name, a.model, 8103, extra, needs))
     redis = start_redis(8106) if not a.only_default and chosen(REDIS) else None
     if redis:

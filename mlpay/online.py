@@ -322,6 +322,17 @@ class _Log:
         self._hi += m
         self._view()
 
+    def merge(self, add: dict[str, np.ndarray]) -> None:
+        "Add id-sorted rows: appended when they follow the last id, else merged with the tail of the log they overlap."
+        if self.last is None or add["id"][0] > self.last: return self.append(add)
+        # ids from several channels arrive a little out of order: only the rows from the first new id on are re-sorted
+        k = self._lo + int(np.searchsorted(self.cols["id"], add["id"][0]))
+        tail = {c: np.concatenate((b[k:self._hi], add[c])) for c, b in self._buf.items()}
+        order = np.argsort(tail["id"], kind="stable")
+        self._hi = k
+        self._view()
+        self.append({c: v[order] for c, v in tail.items()})
+
     def drop_first(self, n: int) -> None:
         "Forget the `n` lowest ids."
         self._lo += n
@@ -367,12 +378,7 @@ class _TxIndex:
         add = {"id": np.fromiter(self.recent.keys(), np.int64, len(self.recent))}
         add |= {k: np.array(c, dtype=log[k].dtype) for k, c in zip(("t", "card", "terminal", "amount", "fraud"), cols)}
         order = np.argsort(add["id"], kind="stable")
-        add = {k: v[order] for k, v in add.items()}
-        if not len(log["id"]) or add["id"][0] > log["id"][-1]: self.log.append(add)  # the usual case: ids increase with time
-        else:  # ids out of time order: re-sort the whole log
-            merged = {k: np.concatenate([log[k], add[k]]) for k in log}
-            order = np.argsort(merged["id"], kind="stable")
-            self.log.reset({k: v[order] for k, v in merged.items()})
+        self.log.merge({k: v[order] for k, v in add.items()})
         self.recent = {}
 
     def expire(self, cut: int) -> tuple[list[int], list[int]]:
@@ -486,7 +492,7 @@ class _TerminalHistories:
 
 class MemoryStore:
     "Online state in this process (one worker): the transaction index, card and terminal histories; snapshots through `OnlineFeatures`."
-    def __init__(self, sweep_every: int = 4096, # evict and compact the transaction index every this many records
+    def __init__(self, sweep_every: int = 256, # evict and compact the transaction index every this many records (a sweep holds scoring: keep it short)
                 ):
         self.sweep_every, self.keep = sweep_every, None
         self._lock = threading.RLock()

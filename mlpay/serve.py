@@ -68,6 +68,7 @@ class ServeSettings(BaseSettings):
     state_dir: Path | None = None # where the in-process state is snapshotted (restored at start)
     warm_from: Path | None = None # transactions (Parquet) to warm the online state from when it starts empty (no snapshot, empty Redis)
     snapshot_every_s: float = 60.0 # in-process state snapshot period
+    gc_young: int = Field(50_000, ge=700) # tracked allocations between collections of Python's youngest generation (its default, 700, collects every few requests and promotes what a request holds into pauses of the older ones)
     max_lateness_s: float = Field(86_400, gt=0) # a transaction further behind the newest one recorded gets a 422
     card_idle_days: float | None = Field(None, gt=0) # forget a card idle this long (None: keep its last transactions, as training does)
     workers: int = Field(0, ge=0) # LitServe inference workers; 0: the HTTP process scores (fastest on CPU, bench/serve.py)
@@ -93,6 +94,7 @@ class ServeSettings(BaseSettings):
     decision_log_max_age_days: float = Field(90.0, gt=0) # ... or age (retention)
     monitor_dump_every_s: float = Field(5.0, gt=0) # with several processes, each writes its monitoring windows this often for /metrics to add up
     observe_every_s: float = Field(0.5, gt=0) # scored transactions reach the monitor and the decision log this often, in a batch (off the request's path)
+    observe_slice: int = Field(256, ge=1) # ... in slices of about this many transactions, the GIL handed back to scoring between them (the tail)
     shadow_model: Path | None = None # a second model package scored beside the champion on every transaction (`mlpay.lineup`), logged, never answering ...
     challenger_share: float = Field(0.0, ge=0, le=1) # ... unless it decides this share of the cards (sticky by card token), as challenger
     guard_window: int = Field(20_000, ge=1) # the challenger's decline and review rates are compared with the champion's over this many transactions ...
@@ -340,6 +342,7 @@ class FraudAPI(ls.LitAPI):
         if self.decision_log: closers.append(self.decision_log.close)
         if journal: closers.append(journal.close)
         self.owner = StateOwner(self.scorer, snapshot, self.settings.snapshot_every_s, tuple(closers))
+        gc.set_threshold(s.gc_young, *gc.get_threshold()[1:])
         if self.settings.workers: self.owner.start(on_sigterm=True)  # in a LitServe worker, setup is the only hook there is
 
     def score(self, request: "PredictRequest | FeedbackRequest") -> dict | Response:
@@ -376,9 +379,12 @@ class FraudAPI(ls.LitAPI):
     def observe_pending(self) -> None:
         "Count and log what was scored since the last call (a thread every `MLPAY_OBSERVE_EVERY_S`, each scrape, a stop)."
         with self.observing:
-            items = []
-            while self.pending: items += self.pending.popleft()
-            if items: self.observe(items)
+            while self.pending:
+                items, n = [], 0
+                while self.pending and n < self.settings.observe_slice:
+                    items += (turn := self.pending.popleft()); n += sum(len(i.txs) or 1 for i in turn)
+                self.observe(items)
+                time.sleep(0)  # a thread holds the GIL until a 5 ms switch interval runs out: scoring waits for a slice, not for all
 
     def observe(self, items: list[Item]) -> None:
         "Count the model's answers in the monitor's windows; hand every answer (stand-ins too), and any labels, to the decision log."
