@@ -119,8 +119,8 @@ def run_all(runs, duration, env_feat, results, rows):
         try:
             proc = serve(run.cmd, run.port, run.env, health=run.health)
             try:
-                wrk(run.port, run.script, 2, env={**wenv, "MLPAY_REPLAY_START": "0"}, path=run.path)  # warm-up
-                r = wrk(run.port, run.script, duration, env={**wenv, "MLPAY_REPLAY_START": str(REPLAY_SKIP)}, path=run.path)
+                warm = wrk(run.port, run.script, 2, env={**wenv, "MLPAY_REPLAY_START": "0"}, path=run.path)
+                r = wrk(run.port, run.script, duration, env={**wenv, "MLPAY_REPLAY_START": str(replay_start(warm))}, path=run.path)
             finally: stop(proc)
         except (RuntimeError, OSError) as e:
             why = f"failed: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:100]}"
@@ -162,7 +162,10 @@ def ort_rows_per_s(model_dir):
     return out
 
 
-REPLAY_SKIP = 40_000  # the measured run replays from this line on: past what a 2 s warm-up sends
+def replay_start(warm: dict) -> int:
+    "The replay line the measured run starts from: just past what the 2 s warm-up sent (its answers, those in flight, wrk's overrun)."
+    # not far past: a jump in transaction time would make the state's first sweep expire hours of data at once
+    return int(warm["requests_per_s"] * 2.5) + 64
 
 
 def replay_traffic(source: Path, days: int):

@@ -211,14 +211,15 @@ class FeatureRegistry:
 
     def _few(self, rows: list) -> np.ndarray:
         row = self.row
-        return np.array([row(r) for r in rows], np.float64).reshape(len(rows), len(self.computed))
+        return np.array([row(r) for r in rows], np.float64) if rows else np.empty((0, len(self.computed)))
 
     def values(self, agg: Mapping[str, np.ndarray] | np.ndarray | list, # every name of `aggregates()` -> an array, or (rows, aggregates) in that order
               ) -> np.ndarray:
         "The float64 features (rows, len(names)) from their aggregates: the one definition of every feature."
         names = self._aggregates
-        if isinstance(agg, list) and len(agg) <= FEW_ROWS:  # a server's few rows, Python floats already
-            if bad := [len(r) for r in agg if len(r) != len(names)]: raise ValueError(f"aggregates must be (rows, {len(names)}), got a row of {bad[0]}")
+        if type(agg) is list and len(agg) <= FEW_ROWS:  # a server's few rows, Python floats already
+            for r in agg:
+                if len(r) != len(names): raise ValueError(f"aggregates must be (rows, {len(names)}), got a row of {len(r)}")
             return self._few(agg)
         if isinstance(agg, Mapping):
             if missing := [a for a in names if a not in agg]: raise KeyError(f"aggregates missing: {missing}")
