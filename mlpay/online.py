@@ -254,8 +254,6 @@ def steps_from_view(registry: FeatureRegistry, x: Tx, v: View, n: int) -> np.nda
     "The (n, len(registry.steps)) float32 history of one transaction (`steps_of` of one `history_from_view`)."
     return steps_of(registry, [history_from_view(x, v, n)])[0]
 
-
-
 # %% ../nbs/50_online.ipynb #692e0dbb
 class StateTables(NamedTuple):
     "The online state as flat tables (what `warm` loads and a snapshot holds)."
