@@ -49,6 +49,9 @@ class Item:
     error: tuple[int, str] | None = None # (HTTP status, message) of a request the state refused
     standin: str | None = None # the stand-in reason code when the model's answer could not be given (STATE_UNAVAILABLE, MODEL_UNAVAILABLE)
 
+    @property
+    def size(self) -> int: return len(self.txs) or 1  # the work it is: its transactions, or one for a feedback request
+
 # %% ../nbs/51_scorer.ipynb #84b7615f
 def scrub(e: BaseException) -> str:
     "An exception as text for a log: its type and message, digit runs masked (a card token must not reach a log)."

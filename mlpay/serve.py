@@ -382,7 +382,7 @@ class FraudAPI(ls.LitAPI):
             while self.pending:
                 items, n = [], 0
                 while self.pending and n < self.settings.observe_slice:
-                    items += (turn := self.pending.popleft()); n += sum(len(i.txs) or 1 for i in turn)
+                    items += (turn := self.pending.popleft()); n += sum(i.size for i in turn)
                 self.observe(items)
                 time.sleep(0)  # a thread holds the GIL until a 5 ms switch interval runs out: scoring waits for a slice, not for all
 
@@ -605,7 +605,7 @@ class _Request:
     __slots__ = ("items", "next", "n", "t0", "budget", "ahead", "route", "done", "refused")
     def __init__(self, items: list[Item], t0: float, budget: float, ahead: int, route: str):
         self.items, self.next, self.t0, self.budget, self.ahead, self.route, self.refused = items, 0, t0, budget, ahead, route, None
-        self.n = sum(len(i.txs) or 1 for i in items)
+        self.n = sum(i.size for i in items)
         self.done = asyncio.get_running_loop().create_future()
 
 class EdgeMiddleware:
@@ -708,7 +708,7 @@ class EdgeMiddleware:
             if batch and n + len(item.txs) > self.turn: self.queue.appendleft(r); break
             if r.next == 0 and len(r.items) > 1:  # every chunk on the lineup its first turn starts with: one request, one set of models
                 for chunk in r.items: chunk.lineup = self.api.scorer.lineup
-            batch.append((r, item)); n += len(item.txs) or 1; r.next += 1
+            batch.append((r, item)); n += item.size; r.next += 1
             if r.next < len(r.items): again.append(r)
         self.queue.extend(again)
         if self.queue: asyncio.get_running_loop().call_soon(self._turn)
