@@ -5,6 +5,9 @@ A variant is a name of `variants()`, optionally with settings: `default+MLPAY_GC
 Throughput is the mean over the rounds, p99 the worst round's.
 
     python bench/serve_ab.py [--seconds 5] [--rounds 3] bare default dlog default+MLPAY_OBSERVE_SLICE=64
+
+`redis` is bench/serve.py's Redis row (a redis-server of its own, 2 HTTP processes); its CPU per request leaves out
+the redis-server's.
 """
 import argparse
 import json
@@ -19,7 +22,7 @@ import serve as S
 ROOT = S.HERE.parent
 
 
-def variants(model: Path, replay: Path, warm: Path) -> dict:
+def variants(model: Path, replay: Path, warm: Path, redis_url: str | None = None) -> dict:
     "name -> (command, port, server environment, wrk script, wrk environment)."
     body = Path(tempfile.mkdtemp()) / "body.json"
     body.write_text(json.dumps(S.feature_body(model)))
@@ -35,7 +38,8 @@ def variants(model: Path, replay: Path, warm: Path) -> dict:
             "default": mlpay(8111),
             "dlog": mlpay(8112, MLPAY_DECISION_LOG_DIR=tempfile.mkdtemp()),
             "shadow": mlpay(8113, MLPAY_DECISION_LOG_DIR=tempfile.mkdtemp(), MLPAY_SHADOW_MODEL=str(shadow)),
-            "nomon": mlpay(8114, S.unmonitored(model))}
+            "nomon": mlpay(8114, S.unmonitored(model))} | (
+            {"redis": mlpay(8115, MLPAY_REDIS_URL=redis_url, MLPAY_API_SERVERS="2")} if redis_url else {})  # bench/serve.py's Redis row
 
 
 def with_settings(v: dict, name: str, port: int) -> tuple:
@@ -43,7 +47,10 @@ def with_settings(v: dict, name: str, port: int) -> tuple:
     base, *settings = name.split("+")
     cmd, old, env, script, wenv = v[base]
     cmd = [str(port) if c == str(old) else c for c in cmd]
-    return cmd, port, {**env, "MLPAY_STATE_DIR": tempfile.mkdtemp(), **dict(s.split("=", 1) for s in settings)}, script, wenv
+    env = {**env, "MLPAY_STATE_DIR": tempfile.mkdtemp(), **dict(s.split("=", 1) for s in settings)}
+    if "MLPAY_REDIS_URL" in env:  # a state of its own: a variant sharing another's would find its transactions late
+        env["MLPAY_REDIS_URL"] = f"{env['MLPAY_REDIS_URL'].rsplit('/', 1)[0]}/{port - 8119}"
+    return cmd, port, env, script, wenv
 
 
 def cpu_s(pgid: int) -> float:
@@ -64,7 +71,8 @@ def main():
     p.add_argument("--model", type=Path, default=ROOT / "artifacts" / "model")
     a = p.parse_args()
     warm, replay, _ = S.replay_traffic(ROOT / "data" / "transactions.parquet", 12)
-    v = variants(a.model, replay, warm)
+    redis = S.start_redis(8116) if any(n.split("+")[0] == "redis" for n in a.variants) else None
+    v = variants(a.model, replay, warm, redis and redis[1])
     for port, name in enumerate((n for n in a.variants if n not in v), 8120): v[name] = with_settings(v, name, port)
     procs, res, start = {}, {n: [] for n in a.variants}, {}
     try:
@@ -80,6 +88,7 @@ def main():
                 res[n].append(r)
     finally:
         for proc in procs.values(): S.stop(proc)
+        if redis: redis[0].terminate()
     mean = lambda n, k: sum(r[k] for r in res[n]) / a.rounds  # noqa: E731
     rows = [[n, f"{mean(n, 'requests_per_s'):,.0f}", f"{mean(n, 'requests_per_s') / mean(a.variants[0], 'requests_per_s'):.2f}x",
              f"{mean(n, 'p50_ms'):.2f}", f"{max(r['p99_ms'] for r in res[n]):.2f}", f"{mean(n, 'cpu_us'):.0f}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
@@ -265,6 +266,7 @@ class Store(Protocol):
     "What `OnlineFeatures` needs from a store of online state."
     def bind(self, keep: Retention) -> None: ...
     def record(self, x: Tx) -> View: ...
+    def record_many(self, xs: Sequence[Tx]) -> list[View | Exception]: ...
     def label(self, transaction_id: int, fraud: bool) -> bool: ...
     def load(self, tables: StateTables) -> None: ...
     def record_all(self, xs: Sequence[Tx]) -> int: ...
@@ -511,6 +513,14 @@ class MemoryStore:
             (ct, ci, ca), (tt, ft) = self._cards.view(x.card), self._terminals.view(x.terminal)
             return View(ct, ci, ca, tt, ft)
 
+    def record_many(self, xs: Sequence[Tx]) -> list[View | Exception]:
+        "`record` each of `xs` in order: its view, or the error that refused it (too late, or changed); one refused does not stop the rest."
+        out = []
+        for x in xs:
+            try: out.append(self.record(x))
+            except ValueError as e: out.append(e)
+        return out
+
     def record_all(self, xs: Sequence[Tx]) -> int:
         "Record each of `xs` in order (a journal's or a backlog's); how many were refused (too late, or changed)."
         refused = 0
@@ -610,16 +620,15 @@ local function card(key, t, member, cut, n_history, ttl, view)  -- the card's en
   if drop > 0 then redis.call('ZREMRANGEBYRANK', key, 0, drop - 1) end
   if ttl == '0' then redis.call('PERSIST', key) else redis.call('EXPIRE', key, ttl) end
   if view ~= '1' then return '' end
-  return table.concat(redis.call('ZRANGE', key, 0, -1), ',')
+  return table.concat(redis.call('ZRANGE', key, 0, -1))
 end
-local function times(r) for i = 1, #r do r[i] = string.match(r[i], '^[^:]+') end return table.concat(r, ',') end
-local function terminal(term, fraud, t, id, cut, ttl, lo, hi, view)  -- the terminal's transaction and fraud times in (lo, hi]
-  redis.call('ZADD', term, t, t .. ':' .. id)
+local function terminal(term, fraud, t, member, cut, ttl, lo, hi, view)  -- the terminal's transaction and fraud entries in (lo, hi]
+  redis.call('ZADD', term, t, member)
   redis.call('ZREMRANGEBYSCORE', term, '-inf', '(' .. cut)
   redis.call('EXPIRE', term, ttl)
   redis.call('ZREMRANGEBYSCORE', fraud, '-inf', '(' .. cut)
   if view ~= '1' then return '', '' end
-  return times(redis.call('ZRANGEBYSCORE', term, '(' .. lo, hi)), times(redis.call('ZRANGEBYSCORE', fraud, '(' .. lo, hi))
+  return table.concat(redis.call('ZRANGEBYSCORE', term, '(' .. lo, hi)), table.concat(redis.call('ZRANGEBYSCORE', fraud, '(' .. lo, hi))
 end
 """
 # KEYS: watermark, tx bucket, card, terminal, fraud; ARGV: the steps' arguments in that order (`RedisStore._steps`)
@@ -639,16 +648,22 @@ _ONE_SLOT = {  # a cluster's scripts, one step each
     "terminal": _STEPS + "return {terminal(KEYS[1], KEYS[2], unpack(ARGV))}",
     "advance": _STEPS + "advance(KEYS[1], ARGV[1]) return 0",
 }
-_LAYOUT = 2 # the key layout's version, kept with the retention: 2 put the terminal's keys in one hash slot
+_LAYOUT = 3 # the key layout's version, kept with the retention: 2 put the terminal's keys in one hash slot, 3 made members binary
 TX_BUCKET_BITS = 16 # transaction ids per hash of the transaction index: 2**16
 
 def _bits(amount: float) -> int:
     "The float64's bit pattern as an int64: an exact, format-independent text for Redis."
     return int(np.float64(amount).view(np.int64))
 
-def _ints(joined: bytes) -> np.ndarray:
-    "The integers of a reply like b'1,2:3,4'."
-    return np.array(joined.replace(b":", b",").split(b","), dtype=np.int64) if joined else _NONE
+_FIELDS = (("t", "q"), ("id", "Q"), ("amount", "d")) # a card's member, big-endian (a terminal's or a fraud's: the first two)
+_CARD_ENTRY, _TERM_ENTRY = (np.dtype([(n, ">" + c) for n, c in f]) for f in (_FIELDS, _FIELDS[:2])) # what replies are read as
+_CARD_PACK, _TERM_PACK = (struct.Struct(">" + "".join(c for _, c in f)).pack for f in (_FIELDS, _FIELDS[:2]))
+_OFFSET = 1 << 63 # stored: id + 2**63, unsigned, so that bytes order as the ids do, negative ones too
+
+def _members(t, ids, amounts=None) -> list[bytes]:
+    "Binary sorted-set members of entries: the card's (with `amounts`), else the terminal's."
+    if amounts is None: return [_TERM_PACK(a, i + _OFFSET) for a, i in zip(t, ids)]
+    return [_CARD_PACK(a, i + _OFFSET, m) for a, i, m in zip(t, ids, amounts)]
 
 def _is_late(reply) -> bool: return isinstance(reply, Exception) and str(reply).startswith("LATE")
 
@@ -690,8 +705,7 @@ class RedisStore:
                 _request_timeout(self.redis, timeout_s)
             else: self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **no)
         except self._down as e: raise ConnectionError(f"cannot reach Redis at {url}: {e}") from None
-        self._record = self.redis.register_script(_RECORD)
-        self._scripts = {name: self.redis.register_script(s) for name, s in _ONE_SLOT.items()}
+        self._scripts = {name: self.redis.register_script(s) for name, s in {"record": _RECORD, **_ONE_SLOT}.items()}
         self._wm = f"{prefix}:watermark"
 
     def _key(self, kind: str, k: int) -> str:
@@ -714,30 +728,40 @@ class RedisStore:
 
     def _steps(self, x: Tx, view: bool) -> tuple[str, tuple]:
         "`x`'s transaction-index payload, and the (keys, arguments) of each step: late, index, card, terminal."
-        keep, bits, ttl = self.keep, _bits(x.amount), self._ttl
-        payload, known, view = f"{x.t}|{x.card}|{x.terminal}|{bits}", x.t - keep.label_delay_us, int(view)
+        keep, ttl, (member,) = self.keep, self._ttl, _members([x.t], [x.id], [x.amount])
+        payload, known, view = f"{x.t}|{x.card}|{x.terminal}|{_bits(x.amount)}", x.t - keep.label_delay_us, int(view)
         return payload, (([self._wm], [x.t, keep.lateness_us]),
                          ([self._key("tx", x.id >> TX_BUCKET_BITS)], [x.id, payload, ttl["terminal"]]),
-                         ([self._key("card", x.card)], [x.t, f"{x.t}:{x.id:020d}:{bits}", keep.card_cut(x.t), keep.n_history, ttl["card"], view]),
+                         ([self._key("card", x.card)], [x.t, member, keep.card_cut(x.t), keep.n_history, ttl["card"], view]),
                          ([self._key("term", x.terminal), self._key("fraud", x.terminal)],
-                          [x.t, x.id, keep.terminal_cut(x.t), ttl["terminal"], known - keep.terminal_window_us, known, view]))
+                          [x.t, member[:_TERM_ENTRY.itemsize], keep.terminal_cut(x.t), ttl["terminal"], known - keep.terminal_window_us, known, view]))
 
     def record(self, x: Tx) -> View:
         "Record `x` once (a retry adds nothing) and return its view: one atomic script on a single Redis; `StateUnavailable` when Redis cannot."
-        payload, steps = self._steps(x, True)
-        try:
-            if self.cluster: reply = self._split(self.redis, [(payload, steps)])[0]
-            else: reply = self._whole(steps)
-            if isinstance(reply, Exception): raise reply
-        except self._error as e:
-            if _is_late(e): raise _late(x, int(str(e).split()[1]), self.keep) from None
-            raise StateUnavailable(f"Redis refused the record script: {type(e).__name__}") from None
-        except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
-        return self._view(x, payload, reply)
+        v = self.record_many([x])[0]
+        if isinstance(v, Exception): raise v
+        return v
 
-    def _whole(self, steps: tuple, client=None):
-        "Run every step in the one atomic script (a single Redis), on `client` (a pipeline) or at once."
-        return self._record(keys=[k for s in steps for k in s[0]], args=[a for s in steps for a in s[1]], client=client)
+    def record_many(self, xs: Sequence[Tx]) -> list[View | Exception]:
+        "`record` each of `xs` in order, in one round trip (a cluster: two): its view, or the error that refused it (late, changed; on a cluster `StateUnavailable` where a node cannot). `StateUnavailable` when Redis cannot."
+        jobs = [self._steps(x, True) for x in xs]
+        try: replies = self._run(self.redis, jobs)
+        except self._error as e: raise StateUnavailable(f"Redis refused the record script: {type(e).__name__}") from None
+        except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
+        return [self._outcome(x, payload, reply) for x, (payload, _), reply in zip(xs, jobs, replies)]
+
+    def _run(self, client, jobs: list[tuple[str, tuple]]) -> list:
+        "Record jobs (`_steps`) in order, pipelined on `client`: each one's reply, or the error that refused it."
+        if self.cluster: return self._split(client, jobs)
+        return self._eval(client, [("record", [k for keys, _ in steps for k in keys], [a for _, args in steps for a in args]) for _, steps in jobs])  # one script: atomic
+
+    def _outcome(self, x: Tx, payload: str, reply) -> View | Exception:
+        "The view of one record script's reply, or the error it stands for."
+        if _is_late(reply): return _late(x, int(str(reply).split()[1]), self.keep)
+        if isinstance(reply, self._error): return StateUnavailable(f"Redis refused the record script: {type(reply).__name__}")
+        if isinstance(reply, Exception): return StateUnavailable(f"Redis unavailable: {type(reply).__name__}")
+        try: return self._view(x, payload, reply)
+        except (ValueError, StateUnavailable) as e: return e
 
     def _split(self, client, jobs: list[tuple[str, tuple]]) -> list:
         "Record on a cluster, in two pipelined round trips (late and index, then card and terminal): each job's reply, or the error that refused it."
@@ -762,8 +786,9 @@ class RedisStore:
         def run(calls):
             if not calls: return []
             pipe = client.pipeline(transaction=False)
-            for name, keys, args in calls:  # the node named: else redis-py asks a node for the keys of each EVALSHA (COMMAND GETKEYS)
-                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args, target_nodes=client.get_node_from_key(keys[0]))
+            for name, keys, args in calls:  # a cluster's node named: else redis-py asks a node for the keys of each EVALSHA (COMMAND GETKEYS)
+                to = dict(target_nodes=client.get_node_from_key(keys[0])) if self.cluster else {}
+                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args, **to)
             return pipe.execute(raise_on_error=False)
         replies = run(calls)
         missing = [i for i, r in enumerate(replies) if isinstance(r, self._noscript)]
@@ -778,9 +803,10 @@ class RedisStore:
             prev = reply[0].decode() if reply[0] else ""
             if not prev or prev == payload:
                 _, card, term, fraud = reply
-                t, ids, bits = _ints(card).reshape(-1, 3).T.copy()
+                c = np.frombuffer(card, _CARD_ENTRY)  # (ValueError when not a whole number of entries)
                 # lists: what the aggregates bisect fastest
-                view = View(t.tolist(), ids.tolist(), bits.view(np.float64).tolist(), _ints(term).tolist(), _ints(fraud).tolist())
+                view = View(c["t"].tolist(), (c["id"] ^ np.uint64(_OFFSET)).view(np.int64).tolist(), c["amount"].tolist(),
+                            np.frombuffer(term, _TERM_ENTRY)["t"].tolist(), np.frombuffer(fraud, _TERM_ENTRY)["t"].tolist())
         except (TypeError, ValueError, AttributeError, IndexError, UnicodeDecodeError): raise StateUnavailable("Redis answered the record script with a reply that does not parse") from None
         if prev and prev != payload: raise _changed(x, prev)
         return view
@@ -791,12 +817,7 @@ class RedisStore:
         try:
             for at in range(0, len(xs), chunk):
                 jobs = [self._steps(x, False) for x in xs[at:at + chunk]]
-                if self.cluster: replies = self._split(self.bulk, jobs)
-                else:
-                    pipe = self.bulk.pipeline(transaction=False)
-                    for _, steps in jobs: self._whole(steps, pipe)
-                    replies = pipe.execute(raise_on_error=False)
-                for (payload, _), reply in zip(jobs, replies):
+                for (payload, _), reply in zip(jobs, self._run(self.bulk, jobs)):
                     if _is_late(reply): refused += 1
                     elif isinstance(reply, Exception): raise reply
                     elif reply[0] and reply[0].decode() != payload: refused += 1  # known with other contents
@@ -815,19 +836,19 @@ class RedisStore:
             payload = self.redis.hget(self._key("tx", transaction_id >> TX_BUCKET_BITS), str(transaction_id))
             if payload is None: return False
             t, _, terminal, _ = payload.decode().split("|")
-            key = self._key("fraud", int(terminal))
-            if fraud: self.redis.pipeline().zadd(key, {f"{t}:{transaction_id}": int(t)}).expire(key, self._ttl["terminal"]).execute()
-            else: self.redis.zrem(key, f"{t}:{transaction_id}")
+            key, (member,) = self._key("fraud", int(terminal)), _members([int(t)], [transaction_id])
+            if fraud: self.redis.pipeline().zadd(key, {member: int(t)}).expire(key, self._ttl["terminal"]).execute()
+            else: self.redis.zrem(key, member)
         except self._down as e: raise StateUnavailable(f"Redis unavailable: {type(e).__name__}") from None
         return True
 
     def load(self, tables: StateTables, chunk: int = 2000) -> None:
         "Merge state tables into Redis in bulk: one ZADD or HSET per key, pipelined (on a cluster, grouped by node)."
-        bits = lambda df: df.with_columns(bits=pl.Series(df["amount"].to_numpy().view(np.int64)))  # see `_bits`
-        txs, cards = bits(tables.txs), bits(tables.cards)
-        cards = cards.with_columns(member=pl.format("{}:{}:{}", "t", pl.col("id").cast(pl.String).str.zfill(20), "bits"))
+        member = lambda df, *cols: pl.Series(_members(*(df[c].to_list() for c in cols)), dtype=pl.Binary)
+        cards, txs = tables.cards, tables.txs.with_columns(bits=pl.Series(tables.txs["amount"].to_numpy().view(np.int64)))  # see `_bits`
+        cards = cards.with_columns(member=member(cards, "t", "id", "amount"))
         txs = txs.with_columns(payload=pl.format("{}|{}|{}|{}", "t", "card", "terminal", "bits"), bucket=pl.col("id") // 2**TX_BUCKET_BITS,
-                               member=pl.format("{}:{}", "t", "id"))
+                               member=member(txs, "t", "id"))
         frauds = txs.filter(pl.col("fraud") == 1)
         card_ttl, term_ttl = self._ttl["card"], self._ttl["terminal"]
         jobs = [("card", cards["card"], cards["member"], cards["t"], "zadd", card_ttl),
@@ -848,6 +869,8 @@ class RedisStore:
                 if n % chunk == 0: pipe.execute()
         pipe.execute()
         self._scripts["advance"](keys=[self._wm], args=[int(tables.watermark)], client=self.bulk)
+
+
 
 # %% ../nbs/50_online.ipynb #a1ded8d5
 class OnlineFeatures:
@@ -870,7 +893,14 @@ class OnlineFeatures:
               ) -> tuple[list[float], tuple | None]:
         "Record `tx` once (atomically with reading its view); its aggregates and card history (`history_from_view`; None without history)."
         x = tx if isinstance(tx, Tx) else parse_tx(tx)
-        v = self.store.record(x)
+        return self._read(x, self.store.record(x))
+
+    def record_many(self, xs: Sequence[Tx], # parsed transactions (`parse_tx`), in arrival order
+                   ) -> list[tuple[list[float], tuple | None] | Exception]:
+        "`record` each of `xs` in order with one call to the store (one round trip to Redis): its aggregates and history, or the error that refused it."
+        return [v if isinstance(v, Exception) else self._read(x, v) for x, v in zip(xs, self.store.record_many(xs))]
+
+    def _read(self, x: Tx, v: View) -> tuple[list[float], tuple | None]:
         p = _before(v, x)  # once for both
         return _aggregates(self.registry, x, v, p), (_history(x, v, self.n_history, p) if self.n_history else None)
 

@@ -127,33 +127,46 @@ class Scorer:
 
     def features(self, items: Sequence[Item]) -> None:
         "Record each item's transactions in order (or apply its labels) and fill their features in one call; stand-in items while the state is down."
-        pending, aggs, histories, recorded = [], [], [], []
+        scored, run = [], []
         with self.lock:
             lineup = self.lineup
             for item in items:
                 item.lineup = item.lineup or lineup  # a request scored in several turns keeps the lineup of its first
-                if item.labels is not None: self._feedback(item); continue
-                if self.state_down is None:
-                    mine, xs = [], []
-                    try:
-                        for tx in item.txs:
-                            xs.append(parse_tx(tx)); mine.append(self.online.record(xs[-1]))
-                    except LateTransaction as e: item.error = (422, f"tx_datetime: {e}"); recorded += xs[:len(mine)]; continue
-                    except ValueError as e: item.error = (409, f"transaction_id: {e}"); recorded += xs[:len(mine)]; continue  # a reused id with other contents
-                    except Exception as e: self._state_lost(e)  # StateUnavailable, or a fault of the store itself: the stand-in below
-                    else:
-                        item.ids, item.parsed = [x.id for x in xs], xs
-                        pending.append(item); aggs += [a for a, _ in mine]; histories += [h for _, h in mine]; recorded += xs
-                        continue
-                self._stand_in_state(item)
-            if recorded and self.journal: self._journal(self.journal.transactions, recorded)  # all the store took, failed requests' earlier ones too
-        x = self.online.features(aggs)
-        h = self.online.steps(histories) if self.n_history and histories else None
+                if item.labels is None: run.append(item); continue
+                scored += self._record(run); run = []  # the transactions before the labels first: the order of arrival
+                self._feedback(item)
+            scored += self._record(run)
+        x = self.online.features([a for _, mine in scored for a, _ in mine])
+        h = self.online.steps([h for _, mine in scored for _, h in mine]) if self.n_history and scored else None
         at = 0
-        for item in pending:
+        for item, _ in scored:
             n = len(item.ids)
             item.features, item.history = x[at:at + n], (h[at:at + n] if h is not None else None)
             at += n
+
+    def _record(self, items: list[Item]) -> list[tuple[Item, list]]:
+        "Record the transactions of `items` (under the lock) with one call to the state: the items scored, with each one's (aggregates, history); the others get their error, or the stand-in."
+        if not items: return []
+        xs, scored, recorded = [], [], []
+        for item in items:
+            try: xs.append([parse_tx(tx) for tx in item.txs])
+            except (KeyError, ValueError) as e: xs.append([]); item.error = (422, str(e))  # validated at the edge: a caller that did not
+        outcomes = iter(())
+        if self.state_down is None:
+            try: outcomes = iter(self.online.record_many([x for its in xs for x in its]))
+            except Exception as e: self._state_lost(e)  # StateUnavailable, or a fault of the store itself: the stand-in below
+        for item, its in zip(items, xs):
+            if item.error: continue
+            if self.state_down is not None: self._stand_in_state(item, its); continue
+            mine = [next(outcomes) for _ in its]
+            recorded += [x for x, m in zip(its, mine) if not isinstance(m, Exception)]
+            refused = next((m for m in mine if isinstance(m, Exception)), None)  # each transaction stands alone: the first refused one answers
+            if refused is None: item.ids, item.parsed = [x.id for x in its], its; scored.append((item, mine))
+            elif isinstance(refused, LateTransaction): item.error = (422, f"tx_datetime: {refused}")
+            elif isinstance(refused, ValueError): item.error = (409, f"transaction_id: {refused}")  # a reused id with other contents
+            else: self._state_lost(refused); self._stand_in_state(item, its)  # a cluster node that cannot: this item and the rest stand in
+        if recorded and self.journal: self._journal(self.journal.transactions, recorded)  # all the store took, failed requests' too
+        return scored
 
     def _feedback(self, item: Item) -> None:
         "Apply a feedback request's labels (under the lock); a 503 while the state is down: the sender retries, nothing is lost."
@@ -171,9 +184,8 @@ class Scorer:
             self.counts["journal_errors"] += 1
             log.error("journal write failed (%s): these changes are in the state but would not survive a crash", scrub(e))
 
-    def _stand_in_state(self, item: Item) -> None:
-        "Answer `item` with the stand-in while the state is down, and keep its transactions for the state (the oldest beyond the bound are lost)."
-        xs = [parse_tx(tx) for tx in item.txs]
+    def _stand_in_state(self, item: Item, xs: list[Tx]) -> None:
+        "Answer `item` (its transactions `xs`) with the stand-in while the state is down, and keep them for the state (the oldest beyond the bound are lost)."
         item.ids, item.parsed, item.standin = [x.id for x in xs], xs, "STATE_UNAVAILABLE"
         self.counts["backlog_lost"] += max(0, len(self.backlog) + len(xs) - self.backlog.maxlen)
         self.backlog.extend(xs)

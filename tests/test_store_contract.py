@@ -193,7 +193,7 @@ def test_redis_keys_are_bounded(any_redis_url):
     assert r.zcard("mlpay:card:1") == 5 and r.zcard("mlpay:term:{7}") == 5 and r.zcard("mlpay:fraud:{7}") == 1
     o.score(req(10, "2018-05-20 10:00:00", card=1, terminal=7))
     assert r.zcard("mlpay:card:1") == 2  # the new one and the last kept for history
-    assert [m.split(b":")[1] for m in r.zrange("mlpay:term:{7}", 0, -1)] == [b"10"] and r.zcard("mlpay:fraud:{7}") == 0
+    assert [int.from_bytes(m[8:16], "big") - 2**63 for m in r.zrange("mlpay:term:{7}", 0, -1)] == [10] and r.zcard("mlpay:fraud:{7}") == 0  # (t, id + 2**63)
     assert 0 < r.ttl("mlpay:term:{7}") <= 38 * 86400 and 0 < r.ttl("mlpay:tx:0") <= 38 * 86400
     assert r.ttl("mlpay:card:1") == -1  # history kept (card_idle_days=None), as the batch features do
     o2 = OnlineFeatures(REG, 0, RedisStore(any_redis_url, prefix="nohist"), **RET)
@@ -232,6 +232,22 @@ def test_record_all_is_record_in_order(stores):
     assert np.array_equal(a.score(probe)[0], b.score(probe)[0])
 
 
+def test_record_many_is_record_in_order(stores):
+    "What a server's turn sends, in one round trip: each transaction sees the ones before it, features and history as `record` gives; refused ones (late, changed) come back in their place and stop nothing."
+    a, b = OnlineFeatures(REG, 8, stores(), **RET), OnlineFeatures(REG, 8, MemoryStore(), **RET)
+    xs = [parse_tx(req(i, f"2018-04-01 10:0{i}:00", card=i % 2, terminal=7 + i % 3)) for i in range(8)]
+    xs[3:3] = [xs[1], parse_tx(req(0, "2018-04-01 10:00:00", amount=99.0)), parse_tx(req(50, "2018-03-01 10:00:00"))]  # a retry, changed, late
+    got = a.record_many(xs)
+    assert [type(g).__name__ for g in got] == ["tuple"] * 4 + ["ValueError", "LateTransaction"] + ["tuple"] * 5
+    for x, g in zip(xs, got):
+        if isinstance(g, Exception):
+            with pytest.raises(type(g), match="different contents|max_lateness_s"): b.record(x)
+        else:
+            agg, history = b.record(x)
+            assert np.array_equal(a.features([g[0]]), b.features([agg])) and np.array_equal(a.steps([g[1]]), b.steps([history]))
+    assert a.record_many([]) == []
+
+
 def test_a_redis_that_fails_is_state_unavailable(redis_process):
     "Down, paused (slow) or answering nonsense: StateUnavailable within the timeout, never a wrong feature; and back when Redis is."
     o = OnlineFeatures(REG, 8, RedisStore(redis_process.url, timeout_s=0.05), **RET)
@@ -248,7 +264,7 @@ def test_a_redis_that_fails_is_state_unavailable(redis_process):
         with pytest.raises(StateUnavailable, match="Redis unavailable"): call()
     redis_process.start()  # the saved data set is back: the first transaction is known
     with pytest.raises(ValueError, match="different contents"): o.score(req(1, "2018-04-01 10:00:00", amount=1.0))
-    o.store._record = lambda keys, args, client=None: [b"", b"not,numbers", b"", b""]  # an answer that does not parse
+    o.store._eval = lambda client, calls: [[b"", b"not,numbers", b"", b""]] * len(calls)  # an answer that does not parse
     with pytest.raises(StateUnavailable, match="does not parse"): o.score(req(5, "2018-04-01 10:04:00"))
 
 
