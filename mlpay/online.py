@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from operator import index as as_int
 from pathlib import Path
-from typing import Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -384,17 +384,17 @@ class _TxIndex:
     def expire(self, cut: int) -> tuple[list[int], list[int]]:
         "Drop the (compacted) transactions before `cut`; the terminals and cards they touched."
         log = self.log.cols
-        old = log["t"] < cut
-        if not old.any(): return [], []
+        old = np.flatnonzero(log["t"] < cut)  # one pass over the log (a sweep's fixed cost: a boolean mask costs a pass per use)
+        if not len(old): return [], []
         touched = np.unique(log["terminal"][old]).tolist(), np.unique(log["card"][old]).tolist()
-        n = int(old.sum())
-        if not old[n:].any(): self.log.drop_first(n)  # the old rows come first (ids increase with time)
-        else: self.log.reset({k: v[~old] for k, v in log.items()})
+        if old[-1] == len(old) - 1: self.log.drop_first(len(old))  # the old rows come first (ids increase with time)
+        else: self.log.reset({k: np.delete(v, old) for k, v in log.items()})
         return touched
 
     def table(self) -> pl.DataFrame:
+        "The transactions as a table of their own (copies: the log changes in place)."
         self.compact()
-        return pl.DataFrame(self.log.cols, schema=_TX_COLS)
+        return pl.DataFrame({k: v.copy() for k, v in self.log.cols.items()}, schema=_TX_COLS)
 
     def __len__(self): return len(self.log.cols["id"]) + len(self.recent)
 
@@ -442,8 +442,11 @@ class _CardHistories:
             c = self.cards.get(card)
             if c is not None and c[0][-1] == t: del self.cards[card]
 
-    def table(self) -> pl.DataFrame:
-        cards = sorted(self.cards.items())
+    @staticmethod
+    def table(cards: dict[int, tuple[array, array, array]], # a copy of `.cards` (its arrays are never changed, only replaced)
+             ) -> pl.DataFrame:
+        "The card entries as a table, sorted by card, time, id."
+        cards = sorted(cards.items())
         lens = np.array([len(c[0]) for _, c in cards], np.int64)
         flat = [np.concatenate([_numpy(c[j]) for _, c in cards]) if cards else np.array([]) for j in range(3)]
         return pl.DataFrame({"card": np.repeat(np.array([k for k, _ in cards], np.int64), lens), "t": flat[0],
@@ -567,7 +570,12 @@ class MemoryStore:
 
     def tables(self) -> StateTables:
         "The state as flat tables, sorted (transactions by id, card entries by card, time, id)."
-        with self._lock: return StateTables(self._index.table(), self._cards.table(), self._wm)
+        return self.frozen()()
+
+    def frozen(self) -> Callable[[], StateTables]:
+        "`tables` in two halves: the state as it is now, taken under the lock (a few ms), and the function that assembles it, outside."
+        with self._lock: txs, cards, wm = self._index.table(), dict(self._cards.cards), self._wm
+        return lambda: StateTables(txs, _CardHistories.table(cards), wm)
 
     def load(self, tables: StateTables) -> None:
         "Merge state tables into this store (transactions already present keep their known labels)."
@@ -950,12 +958,20 @@ class OnlineFeatures:
     def snapshot(self, path: Path | str, # where to write (a .npz file; no pickle inside)
                 ) -> None:
         "Write the in-process state to `path`, atomically."
+        self.freeze()(path)
+
+    def freeze(self) -> Callable[[Path | str], None]:
+        "`snapshot` in two halves: the state as it is now (a few ms: a server takes it under its lock), and the function that writes it (outside, beside scoring)."
         if not isinstance(self.store, MemoryStore): raise TypeError("only a MemoryStore snapshots; Redis keeps its state itself (RDB/AOF persistence)")
-        s = self.store.tables()
+        tables = self.store.frozen()
         meta = {"format": 2, "registry": self.registry.to_dict(), "n_history": self.n_history, "max_lateness_s": self.max_lateness_s,
-                "card_idle_days": self.card_idle_days, "watermark": s.watermark}
-        arrays = {f"txs.{k}": s.txs[k].to_numpy() for k in _TX_COLS} | {f"cards.{k}": s.cards[k].to_numpy() for k in _CARD_COLS}
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh: np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+                "card_idle_days": self.card_idle_days}
+
+        def write(path: Path | str) -> None:
+            s = tables()
+            arrays = {f"txs.{k}": s.txs[k].to_numpy() for k in _TX_COLS} | {f"cards.{k}": s.cards[k].to_numpy() for k in _CARD_COLS}
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh: np.savez(fh, meta=np.array(json.dumps(meta | {"watermark": s.watermark})), **arrays)
+        return write
 
     @classmethod
     def restore(cls, path: Path | str, # a file written by `snapshot`

@@ -256,11 +256,12 @@ def every(seconds: float, fn) -> threading.Thread:
     return t
 
 class StateOwner:
-    "What a scoring process owns: its in-process state, snapshotted periodically and on `close` under the scorer's lock; and what `close` also closes."
+    "What a scoring process owns: its in-process state, snapshotted periodically and on `close`; and what `close` also closes."
     def __init__(self, scorer: Scorer, path: Path | None, every_s: float,
                  closers: tuple = (), # called by `close` after the snapshot (the decision log's flush)
                 ):
         self.scorer, self.path, self.every_s, self.closers = scorer, path, every_s, closers
+        self.snapshotting = threading.Lock()  # one at a time: an older snapshot written last would leave the journal cut past it
 
     def start(self, on_sigterm: bool = False, # also close and exit on SIGTERM (a LitServe worker has no shutdown hook)
              ) -> "StateOwner":
@@ -279,10 +280,12 @@ class StateOwner:
         "Snapshot the in-process state now; the journal then starts a new segment, and the ones the snapshot holds are deleted."
         if self.path:
             journal = self.scorer.journal
-            with self.scorer.lock:
-                self.scorer.online.snapshot(self.path)
-                seq = journal.rotate() if journal else None
-            if journal: journal.drop_before(seq)
+            with self.snapshotting:
+                with self.scorer.lock:  # the state and the journal's cut at one instant (a few ms); the writing goes on beside scoring
+                    write = self.scorer.online.freeze()
+                    seq = journal.rotate() if journal else None
+                write(self.path)
+                if journal: journal.drop_before(seq)
 
     def close(self):
         "Snapshot, then close the rest (a clean stop loses nothing)."
