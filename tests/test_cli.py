@@ -42,6 +42,11 @@ def test_features_stage_feeds_benchmark(tiny_params, tiny_data, tmp_path):
     out = tmp_path / "b.json"
     run("mlpay-benchmark", "--params", tiny_params, "--data", tiny_data, "--features", feats, "--models", "xgboost", "--out", out)
     assert list(json.loads(out.read_text())["models"]) == ["xgboost", "informed_ceiling"]
+    val = tmp_path / "val.json"  # the same, reported on the validation folds (to choose on)
+    run("mlpay-benchmark", "--params", tiny_params, "--data", tiny_data, "--features", feats, "--models", "xgboost", "--folds", "validation", "--out", val)
+    test, valid = json.loads(out.read_text()), json.loads(val.read_text())
+    assert (test["protocol"]["folds"], valid["protocol"]["folds"]) == ("test", "validation")
+    assert test["models"]["xgboost"]["ap"]["folds"] != valid["models"]["xgboost"]["ap"]["folds"]
 
 
 def test_benchmark_errors_are_clear(tiny_params, tiny_data, tmp_path):
@@ -49,3 +54,5 @@ def test_benchmark_errors_are_clear(tiny_params, tiny_data, tmp_path):
     assert proc.returncode != 0 and "missing.parquet" in proc.stderr
     proc = run("mlpay-benchmark", "--params", tiny_params, "--data", tiny_data, "--models", "forest", check=False)
     assert proc.returncode != 0 and "forest" in proc.stderr
+    proc = run("mlpay-benchmark", "--params", tiny_params, "--data", tiny_data, "--folds", "train", check=False)
+    assert proc.returncode == 2 and "--folds" in proc.stderr and "'train'" in proc.stderr
