@@ -28,8 +28,8 @@ from .train import fit, model_inputs, predict, split_by_time
 from .transactions import read_transactions
 
 # %% auto #0
-__all__ = ['fit_predict', 'FoldScorer', 'fold_report', 'informed_scores', 'evaluate_model', 'reported_folds', 'informed_ceiling',
-           'run_benchmark', 'format_table', 'main']
+__all__ = ['FOLDS', 'fit_predict', 'FoldScorer', 'fold_report', 'informed_scores', 'evaluate_model', 'reported_folds',
+           'informed_ceiling', 'run_benchmark', 'format_table', 'main']
 
 # %% ../nbs/24_benchmark.ipynb #df972a70
 def fit_predict(model: DictConfig, # one entry of benchmark.models with an `estimator`
@@ -92,9 +92,9 @@ def informed_scores(test: pl.DataFrame, # test rows with TX_FRAUD_SCENARIO and T
 def evaluate_model(name: str, # a key of benchmark.models
                    cfg: DictConfig, # the composed config
                    feats: pl.DataFrame, # transactions with their features
-                   on: str = "test", # the folds reported: "test", or "validation" (to choose between configurations, never seeing a test day)
+                   folds: list | None = None, # the folds reported (`reported_folds`; default: the test folds)
                   ) -> tuple[dict, float | None]:
-    "Select the model's grid point on validation folds, then its metrics on the `on` folds; and its training samples/s."
+    "Select the model's grid point on validation folds, then its metrics on `folds`; and its training samples/s."
     entry, ev = cfg.benchmark.models[name], cfg.eval
     score = FoldScorer(cfg, entry, feats)
     grid = list(ParameterGrid(OmegaConf.to_container(entry.grid) if entry.get("grid") else {}))
@@ -102,20 +102,22 @@ def evaluate_model(name: str, # a key of benchmark.models
     if len(grid) > 1:  # a single candidate needs no selection
         val_ap = [np.mean([fold_metrics(feats[f.test], score(f, p), ev.top_k)["ap"] for f in validation_folds(feats, ev, cfg.label_delay_days)]) for p in grid]
     best = grid[int(np.nanargmax(val_ap))] if val_ap else grid[0]
-    result = summarize([fold_report(feats[f.test], score(f, best), ev.top_k, ev.alert_rate) for f in reported_folds(cfg, feats, on)])
+    result = summarize([fold_report(feats[f.test], score(f, best), ev.top_k, ev.alert_rate) for f in folds or prequential_folds(feats, ev, cfg.label_delay_days)])
     out = {**result, "params": best, "validation_ap": float(max(val_ap)) if val_ap else None, "features": entry.features}
     return out, (float(np.mean(score.samples_per_s)) if score.samples_per_s else None)
 
+FOLDS = ("test", "validation")  # what a benchmark may report on
+
 def reported_folds(cfg: DictConfig, feats: pl.DataFrame, on: str) -> list:
     "The folds a benchmark reports: the test folds, or the validation folds (the same protocol, `eval.validation_shift_days` earlier)."
-    if on not in ("test", "validation"): raise ValueError(f"the benchmark reports on 'test' or 'validation' folds, not {on!r}")
+    if on not in FOLDS: raise ValueError(f"the benchmark reports on 'test' or 'validation' folds, not {on!r}")
     return (validation_folds if on == "validation" else prequential_folds)(feats, cfg.eval, cfg.label_delay_days)
 
-def informed_ceiling(cfg: DictConfig, feats: pl.DataFrame, on: str = "test") -> dict | None:
-    "The informed scorer's metrics on the `on` folds (None without scenario labels or the rich features)."
+def informed_ceiling(cfg: DictConfig, feats: pl.DataFrame, folds: list | None = None) -> dict | None:
+    "The informed scorer's metrics on `folds` (default: the test folds; None without scenario labels or the rich features)."
     registry, ev = FeatureRegistry.from_cfg(cfg), cfg.eval
     if "TX_FRAUD_SCENARIO" not in feats.columns or "TERMINAL_ID_SECONDS_SINCE_KNOWN_FRAUD" not in feats.columns: return None
-    folds = reported_folds(cfg, feats, on)
+    folds = folds or prequential_folds(feats, ev, cfg.label_delay_days)
     return {**summarize([fold_report(feats[f.test], informed_scores(feats[f.test], registry), ev.top_k, ev.alert_rate) for f in folds]),
             "features": "scenario labels"}
 
@@ -133,14 +135,14 @@ def run_benchmark(tx: pl.DataFrame, # transactions in the canonical schema
     names = models or list(cfg.benchmark.models)
     unknown = sorted(set(names) - set(cfg.benchmark.models))
     if unknown: raise ValueError(f"unknown models {unknown}; configured: {list(cfg.benchmark.models)}")
-    reported_folds(cfg, feats, on)  # a bad `on` fails before any training
+    folds = reported_folds(cfg, feats, on)  # once for every model; a bad `on` fails before any training
     results, seconds, samples_per_s = {}, {"features": time.perf_counter() - t0}, {}
     for n in names:
         t0 = time.perf_counter()
-        results[n], rate = evaluate_model(n, cfg, feats, on)
+        results[n], rate = evaluate_model(n, cfg, feats, folds)
         seconds[n] = time.perf_counter() - t0
         if rate: samples_per_s[n] = rate
-    ceiling = informed_ceiling(cfg, feats, on)
+    ceiling = informed_ceiling(cfg, feats, folds)
     if ceiling: results["informed_ceiling"] = ceiling
     protocol = {**OmegaConf.to_container(cfg.eval), "folds": on, "label_delay_days": cfg.label_delay_days, "n_transactions": len(tx),
                 "fraud_rate": float(tx["TX_FRAUD"].mean()), "features": registry.names}
@@ -169,7 +171,7 @@ def main(argv=None):
     p.add_argument("--out", help="write the results as JSON here (and the table as .md beside it)")
     p.add_argument("--features", help="precomputed features of --data (the features stage's output)")
     p.add_argument("--models", help="comma-separated subset of benchmark.models")
-    p.add_argument("--folds", choices=("test", "validation"), default="test",
+    p.add_argument("--folds", choices=FOLDS, default="test",
                    help="the folds reported: validation to choose models and features (never on the test folds)")
     a = p.parse_args(argv)
     cfg = stage_config(a)
