@@ -65,7 +65,7 @@ class FoldScorer:
         module, summary = fit(self.cfg, self.entry.model, self.feats, fit_rows, val_rows, quiet=True,
                               refit_rows=fold.train if t.refit else None, history=self.history)
         self.samples_per_s.append(summary["samples_per_s"])
-        return predict(module.net, model_inputs(self.feats, fold.test, self.names, self.registry, self.history))
+        return predict(module.net, model_inputs(self.feats, fold.test, self.names, self.registry, self.history), module.trees)
 
 # %% ../nbs/24_benchmark.ipynb #e3c8c0cc
 def fold_report(test: pl.DataFrame, # a fold's test rows (TX_FRAUD, TX_TIME_DAYS, CUSTOMER_ID, optional TX_FRAUD_SCENARIO)

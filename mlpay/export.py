@@ -34,6 +34,7 @@ from .registry import FeatureRegistry
 from .sequences import history_index
 from .standin import fit_standin, standin_report
 from .train import model_inputs, predict
+from .trees import Trees, trees_of, with_trees
 from .variants import LEARNED_OPS, float32_nodes, named, to_fp16
 
 # %% auto #0
@@ -104,16 +105,17 @@ def export_onnx(net: nn.Module, # a trained network (from `load_trained`)
                 opset: int, # ONNX opset (`export.opset`)
                 dynamo: bool | None = None, # torch's dynamo exporter (None: when onnxscript is installed)
                ) -> Path:
-    "Write the network's score (sigmoid of the logit) and logit, preprocessing included, as ONNX with a dynamic batch axis."
+    "Write the model's score (sigmoid of the logit) and logit, preprocessing and a hybrid's trees included, as ONNX with a dynamic batch axis."
     path, names = Path(path), model_input_names(info)
     dynamo = has_dynamo_exporter() if dynamo is None else dynamo
     scorer = Scorer(net, logit=True).eval()  # the exporters restore the module's mode afterwards: it must be eval already
     example = tuple(torch.as_tensor(v) for v in random_inputs(net, info, 4).values())  # > 1 row, so batch stays symbolic
     with atomic_path(path) as tmp:
         model = onnx_graph(scorer, example, names, opset, dynamo)
+        del model.metadata_props[:]
+        if (trees := trees_of(info)) is not None: model = with_trees(model, trees)  # a hybrid: still one graph, the same signature
         meta = {"mlpay.columns": json.dumps(info["columns"]), "mlpay.history": json.dumps(info.get("history") or 0),
                 "mlpay.step_features": json.dumps([x["name"] for x in info["registry"]["steps"]]), "mlpay.exporter": "dynamo" if dynamo else "torchscript"}
-        del model.metadata_props[:]
         for k, v in meta.items(): model.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(model, full_check=True)
         _check_signature(model, info)
@@ -143,9 +145,10 @@ def logits(session: ort.InferenceSession, # a graph written by `export_onnx`
 def parity(net: nn.Module, # a trained network
            session: ort.InferenceSession, # its exported graph
            inputs: Mapping[str, np.ndarray], # raw inputs by name
+           trees: Trees | None = None, # a hybrid's trees (`trees_of(info)`)
           ) -> float:
-    "Max absolute difference between the PyTorch and onnxruntime scores of `inputs`."
-    ref, out = predict(net, dict(inputs)), score(session, inputs)
+    "Max absolute difference between the PyTorch (and XGBoost) and onnxruntime scores of `inputs`."
+    ref, out = predict(net, dict(inputs), trees), score(session, inputs)
     if out.shape != ref.shape: raise RuntimeError(f"onnxruntime returned scores of shape {out.shape}, PyTorch {ref.shape}")
     return float(np.abs(out.astype(np.float64) - ref).max()) if len(ref) else 0.0
 
@@ -158,7 +161,8 @@ def check_parity(net: nn.Module, # a trained network
                 ) -> float:
     "The worst PyTorch/onnxruntime difference over random batches of 1 and 1,000 rows and `real`; raises above `tol`."
     sets = {f"{n} random rows": random_inputs(net, info, n, seed + n) for n in (1, 1000)} | ({"the real rows": real} if real is not None else {})
-    diffs = {k: parity(net, session, v) for k, v in sets.items()}
+    trees = trees_of(info)
+    diffs = {k: parity(net, session, v, trees) for k, v in sets.items()}
     worst = max(diffs, key=diffs.get)
     if not diffs[worst] <= tol: raise PackageError(f"model.onnx: scores differ from PyTorch by {diffs[worst]:.3g} on {worst} (tolerance {tol:g})")
     return diffs[worst]
@@ -222,14 +226,18 @@ def _registry(info: Mapping) -> FeatureRegistry:
         raise PackageError(f"model.json: columns {unknown} are not computed by its feature registry")
     return registry
 
+def _trees_summary(info: Mapping) -> dict | None:
+    "A hybrid's trees in the manifest: their share of the logit and how many there are (None: a network alone)."
+    return None if (t := trees_of(info)) is None else {"weight": t.weight, "trees": t.booster.num_boosted_rounds()}
+
 def _inputs(session: ort.InferenceSession) -> list[dict]:
     dtypes = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(int64)": "int64"}
     return [{"name": i.name, "shape": list(i.shape), "dtype": dtypes.get(i.type, i.type)} for i in session.get_inputs()]
 
 def _name(info: Mapping) -> str:
-    "mlp, sequencenet-gru, sequencenet-attention: the network class, and its encoder."
+    "mlp, sequencenet-gru, sequencenet-attention, sequencenet-gru-trees: the network class, its encoder, and trees beside it."
     net = info["model"]["net"]
-    return "-".join([net["_target_"].rsplit(".", 1)[-1].lower(), *([net["encoder"]] if net.get("encoder") else [])])
+    return "-".join([net["_target_"].rsplit(".", 1)[-1].lower(), *([net["encoder"]] if net.get("encoder") else []), *(["trees"] if info.get("trees") else [])])
 
 def _decision(path: Path) -> dict:
     "The evaluate stage's decision.json, checked: a loadable calibration, thresholds and costs."
@@ -244,7 +252,7 @@ def _real_rows(net: nn.Module, info: Mapping, train_dir: Path, feats: pl.DataFra
     preds, out = pl.read_parquet(preds), {}
     for split in ("val", "test"):
         rows, y, recorded = prediction_rows(feats, preds, info, split)
-        if (drift := float(np.abs(predict(net, rows) - recorded).max())) > tol:
+        if (drift := float(np.abs(predict(net, rows, trees_of(info)) - recorded).max())) > tol:
             raise PackageError(f"the network scores the {split} rows up to {drift:.3g} away from predictions.parquet: the features are not the ones it was trained on")
         out[split] = rows, y
     return out
@@ -346,7 +354,7 @@ def write_package(train_dir: Path | str, # the train stage's output: model.pt, m
         session = onnx_session(model, ["CPUExecutionProvider"])
         diff = check_parity(net, info, session, real, float(ex["parity_tol"]))
         probe = _every(real, 16)  # real rows with PyTorch's scores: the server checks its runtime reproduces them (`Package.check_parity`)
-        probe = {"inputs": {k: v.tolist() for k, v in probe.items()}, "scores": predict(net, probe).tolist(), "tol": float(ex["parity_tol"])}
+        probe = {"inputs": {k: v.tolist() for k, v in probe.items()}, "scores": predict(net, probe, trees_of(info)).tolist(), "tol": float(ex["parity_tol"])}
         faithful = measure_faithfulness(explainer, session, rows["test"], val[0], cfg["reasons"]["faithfulness"])
         monitoring = reference_profile(session, decision, registry, info["columns"], val, _amounts(train_dir, feats, "val"), cfg["monitor"])
         sample = _concat(random_inputs(net, info, 1000, seed=2), _every(real, 2000))
@@ -358,7 +366,7 @@ def write_package(train_dir: Path | str, # the train stage's output: model.pt, m
         manifest = _finite({
             "name": _name(info), "version": f"{_name(info)}-{sha256(model)[:12]}",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"file": model.name, "ap": ap, "exporter": exporter_of(model), "opset": int(ex["opset"]),
+            "model": {"file": model.name, "ap": ap, "exporter": exporter_of(model), "opset": int(ex["opset"]), "trees": _trees_summary(info),
                       "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             # the offline/online contract: what the server computes, keeps and answers, read from here only
             "registry": registry.to_dict(), "columns": list(info["columns"]), "inputs": _inputs(session),

@@ -122,6 +122,7 @@ class FraudModule(L.LightningModule):
                 ):
         super().__init__()
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
+        self.trees = None  # a hybrid model's trees (`mlpay.trees`), fitted beside the network by `mlpay.train.fit`
         self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
         self.val_ap, self.val_auc = BinaryAveragePrecision(), BinaryAUROC()
 

@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import polars as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import group_fields, stage_config, stage_parser
@@ -27,7 +26,7 @@ from .package import PackageError
 from .policy import PolicyError
 from .registry import FeatureRegistry
 from .sequences import history_index
-from .train import PREDICTION_COLUMNS, fit, model_inputs, predict, split_by_time
+from .train import PREDICTION_COLUMNS, fit, model_inputs, predict, save_trained, split_by_time
 
 # %% auto #0
 __all__ = ['RetrainError', 'as_day', 'RetrainSettings', 'scheduled_days', 'retrain_day', 'RetrainWindow', 'retraining_window',
@@ -227,7 +226,7 @@ def _train_and_package(cfg, feats, frame, w, labels, y, shuffle, s, tmp, data_pa
     columns = registry.columns(rcfg.model.features)
     hist = history_index(frame, rcfg.model.history) if rcfg.model.history else None
     cols = PREDICTION_COLUMNS + [c for c in ["TX_FRAUD_SCENARIO"] if c in frame.columns]
-    val = frame[w.val_rows].select(cols).with_columns(score=pl.Series(predict(module.net, model_inputs(frame, w.val_rows, columns, registry, hist))))
+    val = frame[w.val_rows].select(cols).with_columns(score=pl.Series(predict(module.net, model_inputs(frame, w.val_rows, columns, registry, hist), module.trees)))
     preds = pl.concat([val.with_columns(split=pl.lit(split)) for split in ("val", "test")])  # test: the validation rows again (see above)
     k, rate = int(rcfg.eval.top_k), float(rcfg.eval.alert_rate)
     ev = evaluate_predictions(preds, rcfg.decision, k=k, alert_rate=rate)
@@ -239,11 +238,9 @@ def _train_and_package(cfg, feats, frame, w, labels, y, shuffle, s, tmp, data_pa
     window = {"as_of": str(w.as_of), "train_start": str(w.start), "train_end": str(w.end), "val_start": str(w.val_start),
               "test_start": str(w.as_of), "test_end": str(w.as_of + timedelta(days=int(rcfg.eval.test_days))),
               "test_rows": "the validation rows: no later label is known as of as_of; the promotion gate judges from test_start on"}
-    info = {"model": OmegaConf.to_container(rcfg.model, resolve=True), "columns": columns, "history": rcfg.model.history,
-            "registry": registry.to_dict(), "window": window, "summary": {**fitted, "labels": label_info}}
     with atomic_path(tdir / "predictions.parquet") as f: preds.write_parquet(f)
-    with atomic_path(tdir / "model.pt") as f: torch.save(module.net.state_dict(), f)
-    with atomic_path(tdir / "model.json") as f: f.write_text(json.dumps(info, indent=2) + "\n")
+    save_trained(tdir, module, {"model": OmegaConf.to_container(rcfg.model, resolve=True), "columns": columns, "history": rcfg.model.history,
+                                "registry": registry.to_dict(), "window": window, "summary": {**fitted, "labels": label_info}})
     with atomic_path(tdir / "labels.parquet") as f: learnt.write_parquet(f)
     decision = {"calibration": ev["calibration"], "thresholds": ev["thresholds"], "costs": OmegaConf.to_container(rcfg.decision, resolve=True)}
     with atomic_path(tdir / "decision.json") as f: f.write_text(json.dumps(decision, indent=2, allow_nan=False) + "\n")

@@ -28,11 +28,12 @@ from .registry import FeatureRegistry
 from .models import FraudModule, log_mask
 from .protocol import prequential_folds
 from .sequences import history_index, history_steps
+from .trees import Trees, fit_trees
 
 # %% auto #0
 __all__ = ['PREDICTION_COLUMNS', 'model_inputs', 'ArrayDataset', 'ShardedSampler', 'loader', 'build_module', 'make_trainer',
-           'predict', 'silenced', 'split_by_time', 'fit', 'rank_batch_size', 'training_window', 'train', 'main',
-           'torchrun_command']
+           'predict', 'silenced', 'split_by_time', 'fit', 'rank_batch_size', 'training_window', 'train', 'save_trained',
+           'main', 'torchrun_command']
 
 # %% ../nbs/23_train.ipynb #0a966d53
 def model_inputs(feats: pl.DataFrame, # transactions with their features
@@ -129,14 +130,16 @@ def make_trainer(cfg: DictConfig, # the composed config
 @torch.no_grad()
 def predict(net: torch.nn.Module, # a trained network
             inputs: dict[str, np.ndarray], # from `model_inputs`
+            trees: Trees | None = None, # a hybrid model's trees (`module.trees`), blended into the network's logits
             batch_size: int = 8192, # rows per forward pass
            ) -> np.ndarray:
     "Fraud probabilities (sigmoid of the logits) for every row of `inputs`."
     net.eval()
     n = len(inputs["features"])
-    out = [torch.sigmoid(net(**{k: torch.as_tensor(v[i:i + batch_size]) for k, v in inputs.items()})).float().numpy()
-           for i in range(0, n, batch_size)]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    out = [net(**{k: torch.as_tensor(v[i:i + batch_size]) for k, v in inputs.items()}).float().numpy() for i in range(0, n, batch_size)]
+    z = np.concatenate(out) if out else np.zeros(0, np.float32)
+    if trees is not None: z = trees.blend(z, inputs["features"])
+    return torch.sigmoid(torch.as_tensor(z)).numpy()
 
 # %% ../nbs/23_train.ipynb #3d80f76c
 @contextmanager
@@ -203,6 +206,9 @@ def _fit(cfg, model, feats, train_rows, val_rows, refit_rows, quiet, history):
         trainer = make_trainer(cfg, callbacks=False, logger=False, max_epochs=best.epoch + 1, min_epochs=best.epoch + 1,
                                enable_progress_bar=not quiet, limit_val_batches=0)
         trainer.fit(module, loader(rf, bs, shuffle=True, balanced=model.imbalance == "sample", seed=cfg.train.seed))
+        tr = rf
+    # a hybrid's trees learn from the rows the network's final weights did (never the rows that validate them)
+    if model.get("trees"): module.trees = fit_trees(model.trees, tr["features"], tr["y"])
     return module, summary
 
 def rank_batch_size(batch_size: int, # `model.batch_size`: the rows of one optimiser step, all processes together
@@ -247,15 +253,22 @@ def train(cfg: DictConfig, # the composed config
     parts = []
     for split, rows in (("val", val_rows), ("test", fold.test)):
         cols = PREDICTION_COLUMNS + [c for c in ["TX_FRAUD_SCENARIO"] if c in feats.columns]
-        parts.append(feats[rows].select(cols).with_columns(score=pl.Series(predict(module.net, model_inputs(feats, rows, columns, registry, hist))), split=pl.lit(split)))
+        parts.append(feats[rows].select(cols).with_columns(score=pl.Series(predict(module.net, model_inputs(feats, rows, columns, registry, hist), module.trees)), split=pl.lit(split)))
     with atomic_path(out / "predictions.parquet") as tmp: pl.concat(parts).write_parquet(tmp)
-    with atomic_path(out / "model.pt") as tmp: torch.save(module.net.state_dict(), tmp)
-    info = {"model": OmegaConf.to_container(cfg.model, resolve=True), "columns": columns, "history": cfg.model.history,
+    save_trained(out, module, {"model": OmegaConf.to_container(cfg.model, resolve=True), "columns": columns, "history": cfg.model.history,
             "registry": registry.to_dict(),  # the feature registry it was trained on: export packages exactly this one
             "window": {"train_start": str(fold.train_start), "test_start": str(fold.test_start), "test_end": str(fold.test_end)},
-            "summary": summary}
-    with atomic_path(out / "model.json") as tmp: tmp.write_text(json.dumps(info, indent=2) + "\n")
+            "summary": summary})
     return summary
+
+def save_trained(out: Path, # a train directory
+                 module: FraudModule, # the trained model (from `fit`)
+                 info: dict, # what model.json says of it: model, columns, history, registry, window, summary
+                ):
+    "Write model.pt (the network's weights) and model.json (`info`, plus a hybrid's trees as XGBoost's JSON model)."
+    with atomic_path(out / "model.pt") as tmp: torch.save(module.net.state_dict(), tmp)
+    info = {**info, "trees": module.trees.to_dict() if module.trees is not None else None}
+    with atomic_path(out / "model.json") as tmp: tmp.write_text(json.dumps(info, indent=2) + "\n")
 
 def main(argv=None):
     "`mlpay-train [--params params.yaml] [overrides ...]`: train the configured model (see `train`)."

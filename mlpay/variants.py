@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 # %% auto #0
-__all__ = ['FP16_LIMIT', 'LEARNED_OPS', 'value_ranges', 'float32_nodes', 'named', 'to_fp16']
+__all__ = ['FP16_LIMIT', 'LEARNED_OPS', 'value_ranges', 'float32_nodes', 'named', 'drop_unread', 'to_fp16']
 
 # %% ../nbs/42_variants.ipynb #734f1b80
 FP16_LIMIT = 1e4  # |values| above this stay float32: float16 tops out at 65,504 and its step there is 32
@@ -27,6 +27,13 @@ def _raw_nodes(graph) -> set[str]:
         ins = [i for i in n.input if i]
         if n.op_type not in LEARNED_OPS | {"Shape"} and any(i in raw for i in ins) and all(i in raw or i in consts for i in ins):
             names.add(n.name); raw.update(n.output)
+    return names
+
+def _after_trees(graph) -> set[str]:
+    "ONNX-ML nodes (tree ensembles compute in float32 or float64 only) and every node that reads what they wrote."
+    tainted, names = set(), set()
+    for n in graph.node:  # topological order
+        if n.domain == "ai.onnx.ml" or tainted & set(n.input): names.add(n.name); tainted.update(n.output)
     return names
 
 def value_ranges(model: onnx.ModelProto, # a float32 graph
@@ -49,9 +56,9 @@ def float32_nodes(model: onnx.ModelProto, # a float32 graph, nodes in topologica
                   inputs: Mapping[str, np.ndarray] | None = None, # sample inputs, for the range check
                   limit: float = FP16_LIMIT, # largest |value| a node may read or write in float16 / int8
                  ) -> set[str]:
-    "Names of the nodes that must stay float32: raw-input nodes, nodes beyond ±`limit`, and constants only they read."
+    "Names of the nodes that must stay float32: raw-input nodes, tree nodes and what follows them, nodes beyond ±`limit`, and constants only they read."
     graph = model.graph
-    names = _raw_nodes(graph)
+    names = _raw_nodes(graph) | _after_trees(graph)
     if inputs is not None:
         big = {t for t, r in value_ranges(model, inputs).items() if r > limit}
         names |= {n.name for n in graph.node if big & {*n.input, *n.output}}
@@ -76,6 +83,10 @@ def _skip_round_trips(graph, float32: set[str]):
         p = producer.get(n.input[0]) if _cast_to(n) == onnx.TensorProto.FLOAT else None
         if p is not None and _cast_to(p) == onnx.TensorProto.FLOAT16 and p.input[0] in float32: alias[n.output[0]] = p.input[0]
     for n in graph.node: n.input[:] = [alias.get(i, i) for i in n.input]
+    drop_unread(graph)
+
+def drop_unread(graph):
+    "Remove the nodes whose outputs neither another node nor the graph's outputs read, until none is left."
     while True:
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         if not (dead := [n for n in graph.node if not set(n.output) & read]): return

@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent  # the venv's console scripts (mlpay-*, dvc)
 SMALL_GRIDS = ["trainer.max_epochs=2", "benchmark.models.logreg.grid={C:[1.0]}",
                "benchmark.models.xgboost.grid={max_depth:[3]}",
                "benchmark.models.xgboost_rich.grid={max_depth:[3]}"]
-ALL_MODELS = {"logreg", "xgboost", "xgboost_rich", "mlp", "mlp_unweighted", "mlp_sampled", "sequence", "informed_ceiling"}
+ALL_MODELS = {"logreg", "xgboost", "xgboost_rich", "mlp", "mlp_unweighted", "mlp_sampled", "sequence", "hybrid", "informed_ceiling"}
 
 
 def run(*args, cwd=None, check=True):
