@@ -25,6 +25,7 @@ from .registry import FeatureRegistry
 from .protocol import fold_metrics, prequential_folds, summarize, validation_folds
 from .sequences import history_index
 from .train import fit, model_inputs, predict, split_by_time
+from .trees import fit_trees
 from .transactions import read_transactions
 
 # %% auto #0
@@ -47,8 +48,9 @@ class FoldScorer:
     def __init__(self, cfg: DictConfig, # the composed config
                  entry: DictConfig, # one entry of benchmark.models
                  feats: pl.DataFrame, # transactions with their features
+                 nets: dict | None = None, # trained networks by (network config, fold), shared by the entries of one run
                 ):
-        self.cfg, self.entry, self.feats = cfg, entry, feats
+        self.cfg, self.entry, self.feats, self.nets = cfg, entry, feats, {} if nets is None else nets
         self.registry = FeatureRegistry.from_cfg(cfg)
         self.names = self.registry.columns(entry.features)
         self.torch = "model" in entry
@@ -62,10 +64,20 @@ class FoldScorer:
         if not self.torch: return fit_predict(self.entry, params, self.X[fold.train], self.y[fold.train], self.X[fold.test])
         t = self.cfg.benchmark.torch
         fit_rows, val_rows = split_by_time(self.feats, fold.train, t.val_days)
-        module, summary = fit(self.cfg, self.entry.model, self.feats, fit_rows, val_rows, quiet=True,
-                              refit_rows=fold.train if t.refit else None, history=self.history)
-        self.samples_per_s.append(summary["samples_per_s"])
-        return predict(module.net, model_inputs(self.feats, fold.test, self.names, self.registry, self.history), module.trees)
+        # A hybrid's network is the sequence model's, trained identically (seeded): train it once per fold, then
+        # fit the trees on the rows its final weights learnt from, as `fit` does.
+        net_model = OmegaConf.merge(self.entry.model, {"trees": None})
+        key = (OmegaConf.to_yaml(net_model), fold.train_start)
+        if key not in self.nets:
+            module, summary = fit(self.cfg, net_model, self.feats, fit_rows, val_rows, quiet=True,
+                                  refit_rows=fold.train if t.refit else None, history=self.history)
+            self.nets[key] = module.net
+            self.samples_per_s.append(summary["samples_per_s"])
+        trees = None
+        if self.entry.model.get("trees"):
+            rows = fold.train if t.refit else fit_rows
+            trees = fit_trees(self.entry.model.trees, self.feats[rows].select(self.names).to_numpy().astype(np.float32), self.y[rows])
+        return predict(self.nets[key], model_inputs(self.feats, fold.test, self.names, self.registry, self.history), trees)
 
 # %% ../nbs/24_benchmark.ipynb #e3c8c0cc
 def fold_report(test: pl.DataFrame, # a fold's test rows (TX_FRAUD, TX_TIME_DAYS, CUSTOMER_ID, optional TX_FRAUD_SCENARIO)
@@ -93,10 +105,11 @@ def evaluate_model(name: str, # a key of benchmark.models
                    cfg: DictConfig, # the composed config
                    feats: pl.DataFrame, # transactions with their features
                    folds: list | None = None, # the folds reported (`reported_folds`; default: the test folds)
+                   nets: dict | None = None, # networks already trained in this run (`FoldScorer`)
                   ) -> tuple[dict, float | None]:
-    "Select the model's grid point on validation folds, then its metrics on `folds`; and its training samples/s."
+    "Select the model's grid point on validation folds, then its metrics on `folds`; and its training samples/s (None: no network trained)."
     entry, ev = cfg.benchmark.models[name], cfg.eval
-    score = FoldScorer(cfg, entry, feats)
+    score = FoldScorer(cfg, entry, feats, nets)
     grid = list(ParameterGrid(OmegaConf.to_container(entry.grid) if entry.get("grid") else {}))
     val_ap = None
     if len(grid) > 1:  # a single candidate needs no selection
@@ -136,10 +149,10 @@ def run_benchmark(tx: pl.DataFrame, # transactions in the canonical schema
     unknown = sorted(set(names) - set(cfg.benchmark.models))
     if unknown: raise ValueError(f"unknown models {unknown}; configured: {list(cfg.benchmark.models)}")
     folds = reported_folds(cfg, feats, on)  # once for every model; a bad `on` fails before any training
-    results, seconds, samples_per_s = {}, {"features": time.perf_counter() - t0}, {}
+    results, seconds, samples_per_s, nets = {}, {"features": time.perf_counter() - t0}, {}, {}
     for n in names:
         t0 = time.perf_counter()
-        results[n], rate = evaluate_model(n, cfg, feats, folds)
+        results[n], rate = evaluate_model(n, cfg, feats, folds, nets)
         seconds[n] = time.perf_counter() - t0
         if rate: samples_per_s[n] = rate
     ceiling = informed_ceiling(cfg, feats, folds)
