@@ -85,8 +85,8 @@ def tree_node(trees: Trees, # the fitted trees
     from onnxmltools.convert import convert_xgboost
     from onnxmltools.convert.common.data_types import FloatTensorType
     g = convert_xgboost(trees.booster, initial_types=[(features, FloatTensorType([None, trees.booster.num_features()]))], target_opset=TREES_OPSET)
-    (node,) = [n for n in g.graph.node if n.op_type == "TreeEnsembleClassifier"]
-    if len(g.graph.node) != 1: raise RuntimeError(f"onnxmltools wrote {[n.op_type for n in g.graph.node]}: expected one TreeEnsembleClassifier")
+    if [n.op_type for n in g.graph.node] != ["TreeEnsembleClassifier"]: raise RuntimeError(f"onnxmltools wrote {[n.op_type for n in g.graph.node]}: expected one TreeEnsembleClassifier")
+    node = g.graph.node[0]
     next(a for a in node.attribute if a.name == "post_transform").s = b"NONE"  # scores in log-odds: [-margin, margin]
     node.name, node.output[:] = "trees", [f"{margin}_label", f"{margin}_scores"]
     col = helper.make_tensor(f"{margin}_column", TensorProto.INT64, [], [1])
@@ -96,7 +96,7 @@ def tree_node(trees: Trees, # the fitted trees
 def with_trees(model: onnx.ModelProto, # the network's graph: inputs `features` (and `history`), outputs `score` and `logit`
                trees: Trees, # the trees to blend in
               ) -> onnx.ModelProto:
-    "The hybrid's graph: the same inputs and outputs, `logit` the blend of the network's and the trees', `score` its sigmoid."
+    "The hybrid's graph, `model` changed in place: the same inputs and outputs, `logit` the blend of the network's and the trees', `score` its sigmoid."
     g = model.graph
     if {o.name for o in g.output} != {"score", "logit"}: raise ValueError(f"with_trees needs a graph with outputs score and logit, got {[o.name for o in g.output]}")
     rename = {"logit": "net_logit", "score": "net_score"}
