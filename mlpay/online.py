@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from .files import atomic_path
-from .registry import DAY_US, FEATURE_INPUTS, KEYS, STEP_KINDS, FeatureRegistry
+from .registry import DAY_US, FEATURE_INPUTS, KEYS, FeatureRegistry
 
 # %% auto #0
 __all__ = ['TX_FIELDS', 'TX_BUCKET_BITS', 'Tx', 'parse_tx', 'Retention', 'View', 'aggregates_from_view', 'history_from_view',
@@ -139,7 +139,8 @@ class _Plan(NamedTuple):
     keys: tuple # per key: (card?, delay µs, windows µs ascending, then per aggregate kind of `_KINDS` its [(position, window index)])
     attrs: list # positions of the transaction's amount, weekday and hour (None: not read)
     n_aggs: int
-    step_kinds: list # the `STEP_KINDS` function of each step
+    aggregates: Callable[[Tx, View, int], list[float]] # `aggregates_from_view` given `_before`, compiled from `source`
+    source: str # the generated source of `aggregates` (`_aggregates_source`)
 
 _KINDS = ("n", "amount", "since", "frauds", "since_fraud")
 _PLANS: dict[int, tuple] = {}  # by the registry's id: hashing a registry per transaction would cost more than the plan saves
@@ -165,7 +166,38 @@ def _make_plan(registry: FeatureRegistry) -> _Plan:
         windows = sorted({int(w) for _, w, _ in need})
         fill = [[(index[f"{key}.{w}.{what}"], windows.index(int(w))) for _, w, wh in need if wh == what] for what in _KINDS]
         plan.append((key == "card", d, [w * DAY_US for w in windows], *fill))
-    return _Plan(tuple(plan), [index.get(n) for n in ("amount", "weekday", "hour")], len(index), [STEP_KINDS[s.kind] for s in registry.steps])
+    attrs = [index.get(n) for n in ("amount", "weekday", "hour")]
+    source = _aggregates_source(plan, attrs, len(index))
+    env = {"bisect_right": bisect_right, "inf": math.inf}
+    exec(source, env)
+    return _Plan(tuple(plan), attrs, len(index), env["aggregates"], source)
+
+def _aggregates_source(keys: list, attrs: list, n_aggs: int) -> str:
+    "The source of `aggregates(x, v, p)`: the plan written out as straight-line code, so no transaction loops over the plan."
+    out, body = ["0.0"] * n_aggs, ["xt, amount = x.t, x.amount"]  # floats only, as `FeatureRegistry.values` reads them
+    for at, e in zip(attrs, ("amount", "float(x.when.weekday())", "float(x.when.hour)")):
+        if at is not None: out[at] = e
+    for k, (card, d, w_us, n_fill, amount_fill, since_fill, frauds_fill, since_fraud_fill) in enumerate(keys):
+        # a few dozen entries per card or terminal: bisect on them costs less than one numpy call
+        t, hi, end, lo = f"t{k}", f"hi{k}", f"end{k}", [f"lo{k}_{i}" for i in range(len(w_us))]
+        if card: body.append(f"{t}, {hi}, {end} = v.card_t, p, xt  # the entries before x in arrival order, and x itself")
+        else: body += [f"{t}, {end} = v.terminal_t, xt - {d}", f"{hi} = bisect_right({t}, {end})  # at or before the delayed end"]
+        for i, w in enumerate(w_us):  # windows ascending: each starts at or before the shorter one's start
+            body.append(f"{lo[i]} = bisect_right({t}, {end} - {w}, 0, {lo[i - 1] if i else hi})")
+        for at, i in n_fill: out[at] = f"float({hi} - {lo[i]}{' + 1' if card else ''})"
+        if amount_fill:
+            # sums from the newest entry back, each window's continuing the shorter one's: a window's sum depends on
+            # its own entries only, so a retry gets the same bits whatever older entries eviction has left
+            body.append(f"a{k} = v.card_amount")
+            for i in range(len(w_us)):
+                body.append(f"s{k}_{i} = sum(a{k}[{lo[i]}:{lo[i - 1] if i else hi}][::-1], {f's{k}_{i - 1}' if i else '0.0'})")
+            for at, i in amount_fill: out[at] = f"s{k}_{i} + amount"
+        for at, _ in since_fill: out[at] = f"(xt - {t}[{hi} - 1]) / 1e6 if {hi} else inf"
+        if since_fraud_fill or frauds_fill:
+            body += [f"f{k} = v.fraud_t", f"k{k} = bisect_right(f{k}, {end})"]
+            for at, _ in since_fraud_fill: out[at] = f"(xt - f{k}[k{k} - 1]) / 1e6 if k{k} else inf"
+            for at, i in frauds_fill: out[at] = f"float(k{k} - bisect_right(f{k}, {end} - {w_us[i]}, 0, k{k})) if k{k} else 0.0"
+    return "\n    ".join(["def aggregates(x, v, p):", *body, "return [" + ", ".join(out) + "]"]) + "\n"
 
 def _before(v: View, x: Tx) -> int:
     "How many card entries come before `x` in arrival order (time, then transaction id)."
@@ -179,44 +211,7 @@ def aggregates_from_view(registry: FeatureRegistry, # what to compute
                          v: View, # the state it sees
                         ) -> list[float]:
     "The registry's aggregates of `x` in `registry.aggregates()` order, as `compute_features` computes them for its row."
-    return _aggregates(registry, x, v, _before(v, x))
-
-def _aggregates(registry: FeatureRegistry, x: Tx, v: View, p: int) -> list[float]:
-    "`aggregates_from_view`, given `p = _before(v, x)`."
-    plan = _plan(registry)
-    amount_at, weekday_at, hour_at = plan.attrs
-    xt = x.t
-    out = [0.0] * plan.n_aggs  # floats only, as `FeatureRegistry.values` reads them
-    if amount_at is not None: out[amount_at] = x.amount
-    if weekday_at is not None: out[weekday_at] = float(x.when.weekday())
-    if hour_at is not None: out[hour_at] = float(x.when.hour)
-    for card, d, w_us, n_fill, amount_fill, since_fill, frauds_fill, since_fraud_fill in plan.keys:
-        # a few dozen entries per card or terminal: bisect on them costs less than one numpy call
-        end = xt - d
-        if card: t, hi, self_ = v.card_t, p, 1  # the entries before x in arrival order, and x itself
-        else: t, self_ = v.terminal_t, 0; hi = bisect_right(t, end)  # entries at or before the delayed end
-        los, lo = [], hi
-        for w in w_us:  # windows ascending: each starts at or before the shorter one's start
-            lo = bisect_right(t, end - w, 0, lo)
-            los.append(lo)
-        for at, i in n_fill: out[at] = float(hi - los[i] + self_)
-        if amount_fill:
-            # sums from the newest entry back, each window's continuing the shorter one's: a window's sum depends on
-            # its own entries only, so a retry gets the same bits whatever older entries eviction has left
-            amount, s, top, totals = v.card_amount, 0.0, hi, []
-            for lo in los:
-                s = sum(amount[lo:top][::-1], s)
-                top = lo
-                totals.append(s + x.amount)
-            for at, i in amount_fill: out[at] = totals[i]
-        for at, _ in since_fill: out[at] = (xt - t[hi - 1]) / 1e6 if hi else math.inf
-        if since_fraud_fill or frauds_fill:
-            f = v.fraud_t
-            k = bisect_right(f, end)
-            for at, _ in since_fraud_fill: out[at] = (xt - f[k - 1]) / 1e6 if k else math.inf
-            if k:  # (no known fraud: every count stays 0)
-                for at, i in frauds_fill: out[at] = float(k - bisect_right(f, end - w_us[i], 0, k))
-    return out
+    return _plan(registry).aggregates(x, v, _before(v, x))
 
 def history_from_view(x: Tx, # the transaction
                       v: View, # the state it sees
@@ -240,11 +235,10 @@ def steps_of(registry: FeatureRegistry, # its steps say what each step carries
             ) -> np.ndarray:
     "The (rows, n, len(registry.steps)) float32 steps of a batch, as `history_steps` gives them: the registry's step kinds, once each."
     rows = len(histories)
-    h = np.array([[*amount, *hours] for amount, hours, _ in histories], np.float64).reshape(rows, 2, -1)  # one flat conversion: the cheapest
-    amount, hours = h[:, 0], h[:, 1]
-    # `FeatureRegistry.step_values` assembled in place: its stack and where cost more than the kinds on a few rows
-    out = np.empty((*amount.shape, len(registry.steps)), np.float32)
-    for j, kind in enumerate(_plan(registry).step_kinds): out[..., j] = kind(amount, hours)
+    flat = []
+    for amount, hours, _ in histories: flat += amount; flat += hours
+    h = np.array(flat, np.float64).reshape(rows, 2, -1)  # one flat conversion: the cheapest
+    out = registry.step_values(h[:, 0], h[:, 1], None)
     if rows > 4: out[~np.array([r for _, _, r in histories], bool)] = 0  # padding is zero whatever the kind
     else:  # the real steps come first: a slice per row costs less than a mask
         for i, (_, _, real) in enumerate(histories):
@@ -893,7 +887,7 @@ class OnlineFeatures:
         self.registry, self.n_history = registry, int(n_history)
         self.max_lateness_s, self.card_idle_days = max_lateness_s, card_idle_days
         self.keep = Retention.of(registry, n_history, max_lateness_s, card_idle_days)
-        _plan(registry)  # a registry this executor cannot serve fails here, at start, not on the first request
+        self._aggregates = _plan(registry).aggregates  # a registry this executor cannot serve fails here, at start, not on the first request
         self.store = MemoryStore() if store is None else store
         self.store.bind(self.keep)
 
@@ -910,7 +904,7 @@ class OnlineFeatures:
 
     def _read(self, x: Tx, v: View) -> tuple[list[float], tuple | None]:
         p = _before(v, x)  # once for both
-        return _aggregates(self.registry, x, v, p), (_history(x, v, self.n_history, p) if self.n_history else None)
+        return self._aggregates(x, v, p), (_history(x, v, self.n_history, p) if self.n_history else None)
 
     def features(self, aggs: list[list[float]]) -> np.ndarray:
         "The float64 features (rows, len(registry.names)) of recorded transactions' aggregates, in one call."
