@@ -34,6 +34,7 @@ cols = ["TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUN
 requests = today.select(*(pl.col(c).alias(c.lower()) for c in cols)).to_dicts()
 registry = FeatureRegistry.from_cfg(compose())
 
+ROUNDS = 3  # in-process rounds, the best one reported: a 2-core virtual machine has slow spells of ±30% (the JSON has every round)
 rows, payload = [], {"history_rows": len(history), "scored": len(requests)}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import LocalRedisCluster  # noqa: E402  (the tests' real three-master cluster, started the same way here)
@@ -45,29 +46,36 @@ stores = ({"in-process (MemoryStore)": MemoryStore} | ({"Redis (RedisStore)": la
           | ({"Redis Cluster, 3 masters (RedisStore)": lambda: RedisStore(cluster.url)} if cluster else {}))
 try:
     for name, store in stores.items():
-        o = OnlineFeatures(registry, 8, store(), max_lateness_s=86_400, card_idle_days=None)  # the server's defaults
-        t0 = time.perf_counter(); kept = o.warm(history); warm_s = time.perf_counter() - t0
-        lat = np.empty(len(requests))
-        for i, r in enumerate(requests):
-            t = time.perf_counter_ns(); o.score(r); lat[i] = (time.perf_counter_ns() - t) / 1e3
-        payload[name] = {"warm_s": warm_s, "kept": kept, "median_us": float(np.median(lat)), "p99_us": float(np.percentile(lat, 99))}
-        rows.append([name, f"{kept:,} in {warm_s:.2f} s", f"{np.median(lat):.0f}", f"{np.percentile(lat, 99):.0f}"])
+        rounds = []
+        for _ in range(ROUNDS if store is MemoryStore else 1):  # a fresh state each round (Redis: one round, its costs dwarf the noise)
+            o = OnlineFeatures(registry, 8, store(), max_lateness_s=86_400, card_idle_days=None)  # the server's defaults
+            t0 = time.perf_counter(); kept = o.warm(history); warm_s = time.perf_counter() - t0
+            lat = np.empty(len(requests))
+            for i, r in enumerate(requests):
+                t = time.perf_counter_ns(); o.score(r); lat[i] = (time.perf_counter_ns() - t) / 1e3
+            rounds.append({"warm_s": warm_s, "kept": kept, "median_us": float(np.median(lat)), "p99_us": float(np.percentile(lat, 99))})
+        best = min(rounds, key=lambda r: r["median_us"])
+        payload[name] = best | {"rounds": rounds}
+        rows.append([name, f"{best['kept']:,} in {best['warm_s']:.2f} s", f"{best['median_us']:.0f}", f"{best['p99_us']:.0f}"])
 finally:
     if redis: redis[0].terminate()
     if cluster: cluster.kill()
     workdir.cleanup()
-print_table(f"Online state: warm from {len(history):,} transactions, then score {len(requests):,} one by one (features + 8 history steps)",
+print_table(f"Online state: warm from {len(history):,} transactions, then score {len(requests):,} one by one (features + 8 history steps; in-process: the best of {ROUNDS} rounds)",
             ["store", "warm (transactions kept)", "score median µs", "score p99 µs"], rows)
 
-o = OnlineFeatures(registry, 8, MemoryStore(), max_lateness_s=86_400, card_idle_days=None)
-o.warm(history)
-stages = {k: np.empty(len(requests)) for k in ("parse_tx", "store.record", "aggregates_from_view + history_from_view", "features", "steps")}
+stages = {k: [] for k in ("parse_tx", "store.record", "aggregates_from_view + history_from_view", "features", "steps")}
 clock = time.perf_counter_ns
-for i, r in enumerate(requests):
-    t0 = clock(); x = parse_tx(r); t1 = clock(); v = o.store.record(x); t2 = clock()
-    agg, hist = aggregates_from_view(registry, x, v), history_from_view(x, v, 8); t3 = clock()
-    o.features([agg]); t4 = clock(); o.steps([hist]); t5 = clock()
-    for lat, a, b in zip(stages.values(), (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)): lat[i] = (b - a) / 1e3
-payload["in-process stages, median µs"] = {k: float(np.median(v)) for k, v in stages.items()}
-print_table("In-process score by stage (median µs per call)", ["stage", "median µs"], [[k, f"{np.median(v):.1f}"] for k, v in stages.items()])
+for _ in range(ROUNDS):
+    o = OnlineFeatures(registry, 8, MemoryStore(), max_lateness_s=86_400, card_idle_days=None)
+    o.warm(history)
+    lat = {k: np.empty(len(requests)) for k in stages}
+    for i, r in enumerate(requests):
+        t0 = clock(); x = parse_tx(r); t1 = clock(); v = o.store.record(x); t2 = clock()
+        agg, hist = aggregates_from_view(registry, x, v), history_from_view(x, v, 8); t3 = clock()
+        o.features([agg]); t4 = clock(); o.steps([hist]); t5 = clock()
+        for a, b, k in zip((t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), lat): lat[k][i] = (b - a) / 1e3
+    for k, v in lat.items(): stages[k].append(float(np.median(v)))
+payload["in-process stages, median µs"] = {k: min(v) for k, v in stages.items()}
+print_table(f"In-process score by stage (median µs per call, the best of {ROUNDS} rounds)", ["stage", "median µs"], [[k, f"{min(v):.1f}"] for k, v in stages.items()])
 save("online", payload)

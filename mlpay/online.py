@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from operator import index as as_int
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -420,14 +420,16 @@ class _CardHistories:
         if drop: del ct[:drop], ci[:drop], ca[:drop]
         self.cards[x.card] = ct, ci, ca
 
-    def prune(self, card: int, keep: Retention, wm: int) -> None:
-        "Trim a card to the retention; forget it when nothing is kept; queue it when it may go idle."
-        c = self.cards.get(card)
-        if c is None: return
-        drop = keep.card_drop(c[0], wm)
-        if drop >= len(c[0]): del self.cards[card]; return
-        if drop: c = self.cards[card] = tuple(a[drop:] for a in c)
-        if keep.card_idle_us is not None and c[0][-1] < keep.terminal_cut(wm): self.idle.append((c[0][-1], card))
+    def prune(self, cards: Iterable[int], keep: Retention, wm: int) -> None:
+        "Trim cards to the retention; forget those with nothing kept; queue those that may go idle."
+        have, idle_before = self.cards, keep.terminal_cut(wm) if keep.card_idle_us is not None else None
+        for card in cards:  # one loop for a sweep's few hundred cards: a call per card cost as much as its work
+            c = have.get(card)
+            if c is None: continue
+            drop = keep.card_drop(c[0], wm)
+            if drop >= len(c[0]): del have[card]; continue
+            if drop: c = have[card] = (c[0][drop:], c[1][drop:], c[2][drop:])
+            if idle_before is not None and c[0][-1] < idle_before: self.idle.append((c[0][-1], card))
 
     def forget_idle(self, keep: Retention, wm: int) -> None:
         "Forget the queued cards that have been idle too long."
@@ -475,17 +477,19 @@ class _TerminalHistories:
             del self.frauds[terminal][tid]
             if not self.frauds[terminal]: del self.frauds[terminal]
 
-    def prune(self, terminal: int, cut: int) -> None:
-        "Drop the terminal's entries and known frauds before `cut`."
-        tt = self.times.get(terminal)
-        if tt is not None:
-            tt = tt[bisect_left(tt, cut):]
-            if len(tt): self.times[terminal] = tt
-            else: del self.times[terminal]
-        fr = self.frauds.get(terminal)
-        if fr:
-            for tid in [i for i, t in fr.items() if t < cut]: del fr[tid]
-            if not fr: del self.frauds[terminal]
+    def prune(self, terminals: Iterable[int], cut: int) -> None:
+        "Drop the terminals' entries and known frauds before `cut`."
+        times, frauds = self.times, self.frauds
+        for terminal in terminals:
+            tt = times.get(terminal)
+            if tt is not None:
+                i = bisect_left(tt, cut)
+                if i == len(tt): del times[terminal]
+                elif i: times[terminal] = tt[i:]  # (a copy: a view returned earlier keeps what it saw)
+            fr = frauds.get(terminal)
+            if fr:
+                for tid in [i for i, t in fr.items() if t < cut]: del fr[tid]
+                if not fr: del frauds[terminal]
 
 class MemoryStore:
     "Online state in this process (one worker): the transaction index, card and terminal histories; snapshots through `OnlineFeatures`."
@@ -554,12 +558,12 @@ class MemoryStore:
             self._index.compact()
             self._since = 0
             if full:
-                for terminal in set(self._terminals.times) | set(self._terminals.frauds): self._terminals.prune(terminal, cut)
+                self._terminals.prune(set(self._terminals.times) | set(self._terminals.frauds), cut)
                 cards = self._cards.cards
-                for card in sorted(cards, key=lambda k: cards[k][0][-1]): self._cards.prune(card, keep, wm)  # idle queue in time order
+                self._cards.prune(sorted(cards, key=lambda k: cards[k][0][-1]), keep, wm)  # idle queue in time order
             terminals, cards = self._index.expire(cut)
-            for terminal in terminals: self._terminals.prune(terminal, cut)
-            for card in cards: self._cards.prune(card, keep, wm)
+            self._terminals.prune(terminals, cut)
+            self._cards.prune(cards, keep, wm)
             self._cards.forget_idle(keep, wm)
 
     def tables(self) -> StateTables:
