@@ -537,21 +537,22 @@ def _lineup_metrics(lineup: Lineup) -> None:
     _SERVED.clear(); _SERVED.update(served)
     m["share"].set(lineup.share)
 
-def _by_role(i: Item) -> tuple[np.ndarray, np.ndarray]:
-    "(champion, shadow) rows of an item's scores and decisions: which of `i`'s answers and `i.shadow` is which model's."
-    ch = i.challenger if i.challenger is not None else np.zeros(len(i.ids), bool)
-    champion = (np.where(ch, i.shadow.scores, i.scores), np.where(ch, i.shadow.decisions, i.decisions))
-    shadow = (np.where(ch, i.scores, i.shadow.scores), np.where(ch, i.decisions, i.shadow.decisions))
-    return np.stack([champion[0], shadow[0]]), np.stack([champion[1], shadow[1]])
+def _by_role(rows: list[Item]) -> tuple[np.ndarray, np.ndarray]:
+    "(champion, shadow) scores and decisions, (2, n) each, of the rows both models scored: which of the answers and the shadow's is which model's."
+    both = [i for i in rows if i.shadow is not None]
+    ch = np.concatenate([i.challenger if i.challenger is not None else np.zeros(len(i.ids), bool) for i in both])
+    def roles(answered, other): return np.stack([np.where(ch, other, answered), np.where(ch, answered, other)])  # per slice, not per request
+    return (roles(np.concatenate([i.scores for i in both]), np.concatenate([i.shadow.scores for i in both])),
+            roles(np.concatenate([i.decisions for i in both]), np.concatenate([i.shadow.decisions for i in both])))
 
 def _shadow_metrics(rows: list[Item]) -> None:
     "The two models' decisions side by side, and the running sums of their scores (for the correlation), on the rows both scored."
-    both = [_by_role(i) for i in rows if i.shadow is not None]
-    scores, decisions = np.concatenate([s for s, _ in both], axis=1).astype(np.float64), np.concatenate([d for _, d in both], axis=1)
+    scores, decisions = _by_role(rows)
     m = _metrics()
-    pairs, n = np.unique(np.char.add(np.char.add(decisions[0].astype(str), "|"), decisions[1].astype(str)), return_counts=True)
-    for pair, k in zip(pairs, n): m["shadow_decisions"].labels(*pair.split("|")).inc(int(k))
-    x, y = scores
+    pairs: dict[tuple[str, str], int] = {}
+    for pair in zip(decisions[0].tolist(), decisions[1].tolist()): pairs[pair] = pairs.get(pair, 0) + 1  # beats numpy's string functions
+    for (champion, shadow), k in pairs.items(): m["shadow_decisions"].labels(champion, shadow).inc(k)
+    x, y = scores.astype(np.float64)
     for moment, v in (("n", len(x)), ("x", x.sum()), ("y", y.sum()), ("xx", x @ x), ("yy", y @ y), ("xy", x @ y)): m["shadow_moments"].labels(moment).inc(float(v))
 
 def _shadow_columns(rows: list[Item]) -> dict:
