@@ -45,6 +45,7 @@ class Item:
     lineup: Lineup | None = None # the models it was scored with (read once: a swap meanwhile does not change its answer)
     challenger: np.ndarray | None = None # which rows the challenger decided (None: the champion decided all)
     shadow: Scored | None = None # the lineup's other model on the same rows: the shadow's answers (the champion's where the challenger decided)
+    shadow_due: bool = False # a pure shadow's answers are still to come (`Scorer.shadow`, off the request path)
     feedback: dict | None = None # the outcome of a feedback request
     error: tuple[int, str] | None = None # (HTTP status, message) of a request the state refused
     standin: str | None = None # the stand-in reason code when the model's answer could not be given (STATE_UNAVAILABLE, MODEL_UNAVAILABLE)
@@ -76,6 +77,7 @@ class Scorer:
                  share: float = 0.0, # the share of cards the shadow decides, as challenger
                  guard: Guard | None = None, # switches a challenger back to shadow when its decisions depart from the champion's (default `Guard()`)
                  on_demote=None, # called with the rate ('decline' or 'review') when the guard switched the challenger back
+                 defer_shadow: bool = False, # leave a pure shadow (no challenger share) to `shadow`, off the request path: no answer waits for it
                 ):
         if explain not in ("flagged", "all"): raise ValueError(f"explain must be 'flagged' or 'all', got {explain!r}")
         self.explain, self.providers, self.threads = explain, list(providers), threads
@@ -83,7 +85,7 @@ class Scorer:
         if (online.registry, online.n_history) != (self.registry, self.n_history): raise ValueError("the online state serves another registry or history than the package")
         self.online, self.journal = online, journal
         self.lineup = Lineup(self.model(package), self.model(shadow) if shadow else None, share)
-        self.guard, self.on_demote = guard or Guard(), on_demote
+        self.guard, self.on_demote, self.defer_shadow = guard or Guard(), on_demote, defer_shadow
         self.shadow_seconds: deque[float] = deque(maxlen=100_000)  # each shadow model call's duration, drained by the server's metrics
         self.lock = threading.Lock()  # the state changes under it (also held by whoever snapshots the state)
         self.state_down: float | None = None  # since when (time.time()) the state is unavailable; None: available
@@ -246,26 +248,45 @@ class Scorer:
         h = np.concatenate([i.history for i in rows]) if self.n_history else None
         champion = lineup.champion.run(x, h, self.explain)
         answered, other, challenger = champion, None, None
-        if lineup.shadow:
-            t = time.perf_counter()
-            try: other = shadow = lineup.shadow.run(x, h, self.explain)
-            except Exception as e:  # the shadow never changes an answer: the champion's go out
-                self.counts["shadow_errors"] += 1
-                if self.counts["shadow_errors"] == 1: log.error("the shadow model failed (%s): answering with the champion alone", scrub(e))
-            else:
-                self.shadow_seconds.append(time.perf_counter() - t)
-                challenger = lineup.challenger(np.array([x.card for i in rows for x in i.parsed], np.int64))
-                if challenger is not None:
-                    answered, other = _pick(champion, shadow, challenger), _pick(shadow, champion, challenger)
-                    # paired: both models decided every transaction, whichever answered it
-                    if tripped := self.guard.observe(champion.decisions, shadow.decisions): self._demote(lineup, tripped)
+        due = self.defer_shadow and lineup.shadow is not None and not lineup.share  # a challenger answers: never deferred
+        if lineup.shadow and not due and (shadow := self._shadow(lineup, x, h)) is not None:
+            other, challenger = shadow, lineup.challenger(np.array([x.card for i in rows for x in i.parsed], np.int64))
+            if challenger is not None:
+                answered, other = _pick(champion, shadow, challenger), _pick(shadow, champion, challenger)
+                # paired: both models decided every transaction, whichever answered it
+                if tripped := self.guard.observe(champion.decisions, shadow.decisions): self._demote(lineup, tripped)
         at = 0
         for i in rows:
             n = len(i.ids)
             i.scores, i.probability, i.decisions, i.reasons = answered.take(slice(at, at + n))
             i.shadow = other.take(slice(at, at + n)) if other else None
             i.challenger = challenger[at:at + n] if challenger is not None else None
+            i.shadow_due = due
             at += n
+
+    def _shadow(self, lineup: Lineup, x: np.ndarray, h: np.ndarray | None) -> Scored | None:
+        "The shadow's answers on rows' features, timed; None when it fails (counted, logged once): the shadow never changes an answer."
+        t = time.perf_counter()
+        try: shadow = lineup.shadow.run(x, h, self.explain)
+        except Exception as e:
+            self.counts["shadow_errors"] += 1
+            if self.counts["shadow_errors"] == 1: log.error("the shadow model failed (%s): answering with the champion alone", scrub(e))
+            return None
+        self.shadow_seconds.append(time.perf_counter() - t)
+        return shadow
+
+    def shadow(self, items: Sequence[Item]) -> None:
+        "A deferred pure shadow's answers (`defer_shadow`) for the items scored without them: one call per lineup, after their answers went out."
+        due = [i for i in items if i.shadow_due]
+        for lineup in dict.fromkeys(i.lineup for i in due):
+            mine = [i for i in due if i.lineup is lineup]
+            shadow = self._shadow(lineup, np.concatenate([i.features for i in mine]),
+                                  np.concatenate([i.history for i in mine]) if self.n_history else None)
+            at = 0
+            for i in mine:
+                n = len(i.ids)
+                i.shadow, i.shadow_due = shadow.take(slice(at, at + n)) if shadow is not None else None, False
+                at += n
 
     def _stand_in(self, item: Item) -> None:
         "The champion package's stand-in decision, from the amounts alone: no score, no reasons but the stand-in's."
@@ -273,6 +294,7 @@ class Scorer:
         item.probability, item.decisions = standin.decide(np.array([x.amount for x in item.parsed], np.float64))
         item.scores, item.reasons = np.full(len(item.ids), np.nan), [[standin.reason(item.standin)]] * len(item.ids)
         item.shadow = item.challenger = None
+        item.shadow_due = False
 
     def score(self, items: Sequence[Item]) -> Sequence[Item]:
         "`features` then `predict`."

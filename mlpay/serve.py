@@ -322,7 +322,8 @@ class FraudAPI(ls.LitAPI):
                              s.ort_threads, s.reasons, journal=journal, backlog=s.standin_backlog,
                              shadow=load_package(s.shadow_model) if s.shadow_model else None, share=s.challenger_share,
                              guard=Guard(s.guard_window, s.guard_max_ratio, s.guard_min_flags),
-                             on_demote=lambda rate: (_metrics()["demotions"].labels(rate).inc(), _lineup_metrics(self.scorer.lineup)))
+                             on_demote=lambda rate: (_metrics()["demotions"].labels(rate).inc(), _lineup_metrics(self.scorer.lineup)),
+                             defer_shadow=True)  # a pure shadow is scored by the observer: its cost stays off the answers' latency
         _lineup_metrics(self.scorer.lineup)
         m = _metrics()
         for rate in ("decline", "review"): m["demotions"].labels(rate)  # at 0 from the start: `increase()` then sees the first demotion
@@ -376,7 +377,7 @@ class FraudAPI(ls.LitAPI):
     def predict(self, x):
         items = x if isinstance(x, list) else [x]
         self.scorer.score(items)  # a refused request fails alone, never its batch
-        if self.monitor or self.decision_log or any(i.shadow is not None for i in items): self.pending.append(items)  # counted and logged off the request's path
+        if self.monitor or self.decision_log or any(i.shadow is not None or i.shadow_due for i in items): self.pending.append(items)  # counted and logged off the request's path
         return x
 
     def observe_pending(self) -> None:
@@ -395,6 +396,7 @@ class FraudAPI(ls.LitAPI):
             for i in items:
                 if i.labels: self.decision_log.labels([t for t, _ in i.labels], [f for _, f in i.labels], i.labelled_at)
         rows = [i for i in items if i.ids]
+        self.scorer.shadow(rows)  # a pure shadow's answers, one call for the slice
         for champion in dict.fromkeys(i.lineup.champion for i in rows):  # one, but for the turn of a swap
             self._observe(champion, [i for i in rows if i.lineup.champion is champion])
         if seconds := [self.scorer.shadow_seconds.popleft() for _ in range(len(self.scorer.shadow_seconds))]:
