@@ -136,9 +136,6 @@ class View(NamedTuple):
 
 class _Plan(NamedTuple):
     "What the online executor needs of a registry, worked out once."
-    keys: tuple # per key: (card?, delay µs, windows µs ascending, then per aggregate kind of `_KINDS` its [(position, window index)])
-    attrs: list # positions of the transaction's amount, weekday and hour (None: not read)
-    n_aggs: int
     aggregates: Callable[[Tx, View, int], list[float]] # `aggregates_from_view` given `_before`, compiled from `source`
     source: str # the generated source of `aggregates` (`_aggregates_source`)
 
@@ -155,6 +152,7 @@ _WHATS = {"card": ("n", "amount", "since"), "terminal": ("n", "frauds", "since",
 
 def _make_plan(registry: FeatureRegistry) -> _Plan:
     "The `_Plan` of `registry`; a `ValueError` for an aggregate the views cannot give."
+    # per key: (card?, delay µs, windows µs ascending, then per aggregate kind of `_KINDS` its [(position, window index)])
     index = {n: i for i, n in enumerate(registry.aggregates())}
     plan = []
     for key in KEYS:
@@ -166,11 +164,11 @@ def _make_plan(registry: FeatureRegistry) -> _Plan:
         windows = sorted({int(w) for _, w, _ in need})
         fill = [[(index[f"{key}.{w}.{what}"], windows.index(int(w))) for _, w, wh in need if wh == what] for what in _KINDS]
         plan.append((key == "card", d, [w * DAY_US for w in windows], *fill))
-    attrs = [index.get(n) for n in ("amount", "weekday", "hour")]
+    attrs = [index.get(n) for n in ("amount", "weekday", "hour")]  # the transaction's own attributes (None: not read)
     source = _aggregates_source(plan, attrs, len(index))
     env = {"bisect_right": bisect_right, "inf": math.inf}
     exec(source, env)
-    return _Plan(tuple(plan), attrs, len(index), env["aggregates"], source)
+    return _Plan(env["aggregates"], source)
 
 def _aggregates_source(keys: list, attrs: list, n_aggs: int) -> str:
     "The source of `aggregates(x, v, p)`: the plan written out as straight-line code, so no transaction loops over the plan."

@@ -506,7 +506,7 @@ def _metrics():
             "decisions": Counter("mlpay_decisions", "scored transactions by decision and by the role of the model that decided (champion, challenger)", ["decision", "role"], registry=r),
             "shadow_decisions": Counter("mlpay_shadow_decisions", "transactions scored by both models, by the champion's and the shadow's (or challenger's) decision", ["champion", "shadow"], registry=r),
             "shadow_moments": Counter("mlpay_shadow_score_moments", "running sums of the champion's score x and the shadow's y (n, x, y, xx, yy, xy): their correlation over any range", ["moment"], registry=r),
-            "shadow_seconds": Histogram("mlpay_shadow_seconds", "the shadow model's call, per scoring turn", registry=r,
+            "shadow_seconds": Histogram("mlpay_shadow_seconds", "the shadow model's call, per scoring turn (a pure shadow's: per observer slice)", registry=r,
                                         buckets=(.0001, .0002, .0005, .001, .002, .005, .01, .02, .05)),
             "demotions": Counter("mlpay_challenger_demotions", "challengers switched back to shadow by the guard, by the rate that departed", ["rate"], registry=r),
             "swaps": Counter("mlpay_swaps", "lineup changes asked of /admin/lineup, applied or refused", ["outcome"], registry=r),
