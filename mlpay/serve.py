@@ -93,8 +93,8 @@ class ServeSettings(BaseSettings):
     decision_log_total_bytes: int = Field(10 << 30, gt=0) # the oldest closed files are deleted beyond this total ...
     decision_log_max_age_days: float = Field(90.0, gt=0) # ... or age (retention)
     monitor_dump_every_s: float = Field(5.0, gt=0) # with several processes, each writes its monitoring windows this often for /metrics to add up
-    observe_every_s: float = Field(0.5, gt=0) # scored transactions reach the monitor and the decision log this often, in a batch (off the request's path)
-    observe_slice: int = Field(256, ge=1) # ... in slices of about this many transactions, the GIL handed back to scoring between them (the tail)
+    observe_every_s: float = Field(0.5, gt=0) # scored transactions reach the monitor and the decision log at least this often (off the request's path)
+    observe_slice: int = Field(64, ge=1) # ... in slices of about this many transactions: the edge observes a slice between turns as soon as one is ready (the tail)
     shadow_model: Path | None = None # a second model package scored beside the champion on every transaction (`mlpay.lineup`), logged, never answering ...
     challenger_share: float = Field(0.0, ge=0, le=1) # ... unless it decides this share of the cards (sticky by card token), as challenger
     guard_window: int = Field(20_000, ge=1) # the challenger's decline and review rates are compared with the champion's over this many transactions ...
@@ -331,7 +331,7 @@ class FraudAPI(ls.LitAPI):
         self.monitor, self.monitoring = _monitor(pkg.manifest)
         self.monitored = self.scorer.lineup.champion  # the model the monitor's windows count
         self.decision_log = _decision_log(self.settings)
-        self.pending, self.observing = deque(), threading.Lock()  # scored items waiting for `observe_pending`
+        self.pending, self.observing = deque(), threading.Lock()  # scored items waiting to be observed
         closers = [self.observe_pending]
         every(self.settings.observe_every_s, self.observe_pending)  # the monitor, the decision log, the shadow's metrics (a swap may add one)
         if self.monitor and snapshot:  # the windows outlive a restart beside the in-process state: a day's window takes a day to fill
@@ -383,12 +383,25 @@ class FraudAPI(ls.LitAPI):
     def observe_pending(self) -> None:
         "Count and log what was scored since the last call (a thread every `MLPAY_OBSERVE_EVERY_S`, each scrape, a stop)."
         with self.observing:
-            while self.pending:
-                items, n = [], 0
-                while self.pending and n < self.settings.observe_slice:
-                    items += (turn := self.pending.popleft()); n += sum(i.size for i in turn)
-                self.observe(items)
+            left = len(self.pending)  # what is pending now: a thread chasing what keeps arriving would take the edge's place
+            while left > 0 and self.pending:
+                left -= self._observe_slice(left)
                 time.sleep(0)  # a thread holds the GIL until a 5 ms switch interval runs out: scoring waits for a slice, not for all
+
+    def observe_ready(self) -> None:
+        "Observe what is pending unless a thread is at it (the edge calls it between turns, each `observe_slice` transactions)."
+        if not self.observing.acquire(blocking=False): return
+        try:
+            while self.pending: self._observe_slice(len(self.pending))
+        finally: self.observing.release()
+
+    def _observe_slice(self, turns: int) -> int:
+        "Observe a slice of at most `turns` of the pending turns (the caller holds `observing`); how many it took."
+        items, n, k = [], 0, 0
+        while k < turns and self.pending and n < self.settings.observe_slice:
+            items += (turn := self.pending.popleft()); n += sum(i.size for i in turn); k += 1
+        if items: self.observe(items)
+        return k
 
     def observe(self, items: list[Item]) -> None:
         "Count the model's answers in the monitor's windows; hand every answer (stand-ins too), and any labels, to the decision log."
@@ -623,6 +636,7 @@ class EdgeMiddleware:
                 ):
         self.app, self.expected, self.max_in_flight, self.max_body = app, f"Bearer {api_key}".encode(), max_in_flight, max_body_bytes
         self.admission, self.api, self.turn, self.in_flight, self.queue = admission, api, turn_transactions, 0, deque()
+        self.unobserved = 0  # transactions scored since the edge last observed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
@@ -726,6 +740,12 @@ class EdgeMiddleware:
         else:
             for r, _ in batch:  # done already: its client went away (the task was cancelled)
                 if r.next == len(r.items) and not r.done.done(): r.done.set_result(None)
+            # the monitor and the decision log, a slice at a time once the answers went out, here rather than in a thread:
+            # a thread holding the GIL makes each of the event loop's socket writes wait out its switch interval (the tail)
+            self.unobserved += n
+            if self.unobserved >= self.api.settings.observe_slice:
+                self.unobserved = 0
+                asyncio.get_running_loop().call_soon(self.api.observe_ready)
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _invalid(exc.errors())
