@@ -94,6 +94,7 @@ bench: $(STAMP) system-deps bench-peers ## run the benchmarks and print their ta
 	python bench/features.py
 	python bench/spark.py
 	python bench/online.py
+	python bench/turn.py
 	python bench/decisions.py
 	python bench/serve.py
 	python bench/monitoring.py
