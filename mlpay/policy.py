@@ -107,6 +107,7 @@ class Calibrator:
 
 # %% ../nbs/30_policy.ipynb #7a8d5c48
 ACTIONS = ("approve", "review", "decline")
+_ACTION_NAMES = np.array(ACTIONS)  # made once: the server decides every turn, and indexing returns a new array
 
 def _thresholds(thresholds: Mapping) -> tuple[float, float]:
     "The review and decline thresholds of a policy, `None` (never) as infinity; checked."
@@ -124,7 +125,7 @@ def decide(prob, # calibrated fraud probabilities
            thresholds: Mapping, # {"review": t_r, "decline": t_d}, floats or None (never)
           ) -> np.ndarray:
     "The action per transaction: 'approve', 'review' or 'decline'."
-    return np.array(ACTIONS)[_codes(_vector(prob, "prob"), thresholds)]
+    return _ACTION_NAMES[_codes(_vector(prob, "prob"), thresholds)]
 
 # %% ../nbs/30_policy.ipynb #3bb3102b
 def action_costs(y, # per row: the label (0/1), or the fraud probability for an expected cost
