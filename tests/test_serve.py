@@ -124,6 +124,26 @@ def get(port, path):
     except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
 
 
+def test_the_edge_observes_each_slice_between_turns(package, tmp_path):
+    "With the periodic observer asleep, the decision log gets each whole slice the edge scored, and nothing of a partial one until the stop."
+    log = tmp_path / "log"
+    s = Server(package / "model", MLPAY_STATE_DIR=tmp_path / "state", MLPAY_WARM_FROM=package / "history.parquet", MLPAY_DECISION_LOG_DIR=log,
+               MLPAY_OBSERVE_EVERY_S=3600, MLPAY_OBSERVE_SLICE=4)
+    ids = [TX["transaction_id"] + 100 + i for i in range(10)]
+    try:
+        for i, tid in enumerate(ids):  # one at a time: each its own turn
+            assert post(s.port, "/predict", {**TX, "transaction_id": tid, "tx_datetime": f"2018-08-30T12:01:{i:02d}"})[0] == 200
+        for _ in range(50):  # the writer writes once a second
+            written = get(s.port, "/health")[1]["decision_log"]["written"]["decisions"]
+            if written >= 8: break
+            time.sleep(0.1)
+        time.sleep(1.5)  # a flush more: the last two transactions wait for a slice of their own (or the stop)
+        assert get(s.port, "/health")[1]["decision_log"]["written"]["decisions"] == 8
+    finally: s.stop()
+    from mlpay.decisions import read_decisions
+    assert read_decisions(log)["transaction_id"].to_list() == ids  # the stop observed the rest, in order
+
+
 def test_redis_down_answers_with_stand_in_decisions_then_catches_up(package, redis_process):
     "Redis stopped while serving: every authorization still answered (stand-in, flagged), labels refused for a retry; Redis back: the state gets what was answered."
     s = Server(package / "model", MLPAY_REDIS_URL=redis_process.url, MLPAY_WARM_FROM=package / "history.parquet")
