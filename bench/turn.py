@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import print_table, save
-from serve import replay_traffic
+from serve import KEY, replay_traffic
 from mlpay.serve import FraudAPI, PredictRequest, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def main():
     a = p.parse_args()
     sizes = [int(k) for k in a.sizes.split(",")]
     warm, replay, n = replay_traffic(ROOT / "data" / "transactions.parquet", a.replay_days)
-    api = FraudAPI(a.model, ServeSettings(api_key="bench-" + "k" * 24, state_dir=Path(tempfile.mkdtemp()), warm_from=warm, journal=False))
+    api = FraudAPI(a.model, ServeSettings(api_key=KEY, state_dir=Path(tempfile.mkdtemp()), warm_from=warm, journal=False))
     api.setup("cpu")
     requests = [PredictRequest.model_validate_json(b) for b in replay.read_bytes().splitlines()]
     api.observing.acquire()  # the periodic observer stays out: the turn alone is measured

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from conftest import BIN
+from mlpay.decisions import read_decisions
 
 KEY = "serve-test-" + "k" * 16
 TX = {"transaction_id": 20_000_001, "tx_datetime": "2018-08-30T12:00:00", "customer_id": 7, "terminal_id": 11, "tx_amount": 42.0}
@@ -140,7 +141,6 @@ def test_the_edge_observes_each_slice_between_turns(package, tmp_path):
         time.sleep(1.5)  # a flush more: the last two transactions wait for a slice of their own (or the stop)
         assert get(s.port, "/health")[1]["decision_log"]["written"]["decisions"] == 8
     finally: s.stop()
-    from mlpay.decisions import read_decisions
     assert read_decisions(log)["transaction_id"].to_list() == ids  # the stop observed the rest, in order
 
 
